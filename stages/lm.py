@@ -1,0 +1,130 @@
+"""Language-model helpers shared by quantize, finetune and evaluate: chat formatting, batching, loss."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from stages.common import StageError
+
+IGNORE = -100
+
+
+def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.exists():
+        raise StageError(f"{path}: not found (run `dvc repro data` first)")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def load_tokenizer(model_dir: Path | str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(model_dir: Path | str, device: str = "cpu", dtype: str = "float32"):
+    from transformers import AutoModelForCausalLM
+
+    from stages.common import torch_dtype
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").exists():
+        raise StageError(f"{model_dir}: no Hugging Face model here (config.json missing); run the stage that makes it")
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype(dtype))
+    return model.to(device).eval()
+
+
+def prompt_text(tokenizer, prompt: str, system: str | None = None) -> str:
+    """The model's own chat template, ending where the assistant's reply starts."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def encode_example(tokenizer, prompt: str, response: str, max_len: int) -> tuple[list[int], list[int]]:
+    """Token ids of prompt+response and labels that score the response (and its end token) only."""
+    head = tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=False).input_ids
+    tail = tokenizer(response, add_special_tokens=False).input_ids + [_end_token(tokenizer)]
+    ids = (head + tail)[:max_len]
+    labels = ([IGNORE] * len(head) + tail)[:max_len]
+    return ids, labels
+
+
+def _end_token(tokenizer) -> int:
+    # The chat template closes a turn with its own marker (<|im_end|> for SmolLM2, <|end|> for Phi-3.5).
+    for marker in ("<|im_end|>", "<|end|>", "<|eot_id|>"):
+        tid = tokenizer.convert_tokens_to_ids(marker)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid is not None:
+            return tid
+    return tokenizer.eos_token_id
+
+
+def batches(examples: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int) -> Iterator[dict]:
+    import torch
+
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(chunk), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, (i, lab) in enumerate(chunk):
+            ids[row, : len(i)] = torch.tensor(i)
+            labels[row, : len(lab)] = torch.tensor(lab)
+            mask[row, : len(i)] = 1
+        yield {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def token_nll(model, batch: dict) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood over labelled tokens, and their count."""
+    import torch
+
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+    shift_labels = batch["labels"][:, 1:].reshape(-1)
+    loss = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE, reduction="sum")
+    return float(loss), int((shift_labels != IGNORE).sum())
+
+
+def eval_loss(model, tokenizer, rows: list[dict], max_len: int, batch_size: int = 16) -> float:
+    """Mean response-token loss of `rows` under the chat template (perplexity = exp of it)."""
+    import torch
+
+    examples = [encode_example(tokenizer, r["prompt"], r["response"], max_len) for r in rows]
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for batch in batches(examples, batch_size, tokenizer.pad_token_id):
+            nll, n = token_nll(model, batch)
+            total, count = total + nll, count + n
+    if count == 0:
+        raise StageError("no response tokens to evaluate (empty eval split or max_seq_len too small)")
+    return total / count
+
+
+def perplexity(loss: float) -> float:
+    return round(math.exp(loss), 4)
+
+
+def greedy_reply(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    import torch
+
+    text = prompt_text(tokenizer, prompt)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(next(model.parameters()).device)
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=[_end_token(tokenizer), tokenizer.eos_token_id],
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
