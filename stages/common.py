@@ -130,7 +130,9 @@ def main(fn: Callable[[list[str]], None]) -> Callable[[list[str] | None], None]:
         for noisy in ("httpx", "urllib3", "azure", "filelock"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
         debug = os.environ.get("STAGE_DEBUG") == "1"
-        stage = fn.__module__.rsplit(".", 1)[-1]
+        module = sys.modules.get(fn.__module__)
+        spec = getattr(module, "__spec__", None)  # under `python -m`, __module__ is "__main__"
+        stage = (spec.name if spec else fn.__module__).rsplit(".", 1)[-1]
         try:
             fn(sys.argv[1:] if argv is None else argv)
         except StageError as exc:

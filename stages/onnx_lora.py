@@ -1,0 +1,216 @@
+"""Multi-LoRA for an ORT GenAI model: LoRA branches as optional graph inputs, PEFT adapters as .onnx_adapter files.
+
+Each projection the builder emits (packed qkv_proj / gate_up_proj or single ones) gets a branch
+
+    y' = y + (x @ A) @ B        A: [in, rank], B: [rank, out]
+
+where A and B are graph inputs whose default value (an initializer of the same name) has rank 0, so with no
+adapter active the branch adds exact zeros and the output equals the plain model's. The base graph is left as the
+builder made it (packed QKV, int4 MatMulNBits): that is what keeps an unused adapter slot cheap.
+
+For a packed projection the parts share the input, so A is the parts' lora_A stacked along the rank and B is
+block-diagonal: one branch of three nodes instead of one per part.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from stages.common import StageError
+
+# The builder's node names for the projections it emits, per decoder layer.
+PROJ_NODE = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(\w+_proj)/MatMul(?:_Q\d+)?$")
+# The HF modules behind each packed projection, in the order the builder packs their outputs.
+PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+PEFT_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight$")
+# PEFT options whose effect this conversion does not reproduce.
+UNSUPPORTED = ("use_dora", "lora_bias", "modules_to_save", "fan_in_fan_out", "rank_pattern", "alpha_pattern")
+
+
+@dataclass(frozen=True)
+class LoraSlot:
+    """One LoRA branch in the graph: where it reads, which HF modules it covers and their output widths."""
+
+    layer: int
+    name: str  # e.g. model.layers.0.attn.qkv_proj
+    parts: tuple[str, ...]  # HF module names, e.g. ("q_proj", "k_proj", "v_proj")
+    widths: tuple[int, ...]  # output width of each part
+    in_features: int
+
+    @property
+    def a(self) -> str:
+        return f"{self.name}.lora_A.weight"
+
+    @property
+    def b(self) -> str:
+        return f"{self.name}.lora_B.weight"
+
+
+def part_widths(hf_config: dict, proj: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // hf_config["num_attention_heads"]
+    sizes = {
+        "q_proj": hf_config["num_attention_heads"] * head_dim,
+        "k_proj": hf_config.get("num_key_value_heads", hf_config["num_attention_heads"]) * head_dim,
+        "v_proj": hf_config.get("num_key_value_heads", hf_config["num_attention_heads"]) * head_dim,
+        "o_proj": hf_config["hidden_size"],
+        "gate_proj": hf_config["intermediate_size"],
+        "up_proj": hf_config["intermediate_size"],
+        "down_proj": hf_config["hidden_size"],
+    }
+    parts = PACKED.get(proj, (proj,))
+    return parts, tuple(sizes[p] for p in parts)
+
+
+def _weight_shape(graph, node) -> tuple[int, int]:
+    """(in_features, out_features) of a MatMul or MatMulNBits node."""
+    if node.op_type == "MatMulNBits":
+        attrs = {a.name: a.i for a in node.attribute}
+        return attrs["K"], attrs["N"]
+    for init in graph.initializer:
+        if init.name == node.input[1]:
+            return int(init.dims[0]), int(init.dims[1])
+    raise StageError(f"{node.name}: weight initializer not found")
+
+
+def add_lora_inputs(model_path: Path, hf_config: dict) -> list[LoraSlot]:
+    """Give every decoder projection of `model_path` a LoRA branch fed by optional inputs; rewrite it in place.
+
+    Only the graph proto changes: the weights stay in the external data file next to it.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    graph = model.graph
+    nodes = list(graph.node)
+    consumers: dict[str, list] = {}
+    for node in nodes:
+        for i, name in enumerate(node.input):
+            consumers.setdefault(name, []).append((node, i))
+
+    slots, new_nodes = [], []
+    for node in nodes:
+        new_nodes.append(node)
+        match = PROJ_NODE.match(node.name)
+        if not match:
+            continue
+        layer, block, proj = int(match[1]), match[2], match[3]
+        parts, widths = part_widths(hf_config, proj)
+        k, n = _weight_shape(graph, node)
+        if sum(widths) != n:
+            raise StageError(f"{model_path}: {node.name} has {n} outputs, config.json implies {sum(widths)} for {parts}")
+        slot = LoraSlot(layer, f"model.layers.{layer}.{block}.{proj}", parts, widths, k)
+        x, y = node.input[0], node.output[0]
+        base = f"/model/layers.{layer}/{block}/{proj}/lora"
+        hidden, delta, summed = f"{base}/A/output_0", f"{base}/B/output_0", f"{base}/Add/output_0"
+        for consumer, i in consumers.get(y, []):
+            consumer.input[i] = summed
+        new_nodes += [
+            helper.make_node("MatMul", [x, slot.a], [hidden], name=f"{base}/A"),
+            helper.make_node("MatMul", [hidden, slot.b], [delta], name=f"{base}/B"),
+            helper.make_node("Add", [y, delta], [summed], name=f"{base}/Add"),
+        ]
+        graph.input.extend(
+            [
+                helper.make_tensor_value_info(slot.a, TensorProto.FLOAT, [k, "lora_rank"]),
+                helper.make_tensor_value_info(slot.b, TensorProto.FLOAT, ["lora_rank", n]),
+            ]
+        )
+        # Defaults of rank 0: without an active adapter the branch adds zeros.
+        graph.initializer.extend(
+            [
+                helper.make_tensor(slot.a, TensorProto.FLOAT, [k, 0], []),
+                helper.make_tensor(slot.b, TensorProto.FLOAT, [0, n], []),
+            ]
+        )
+        slots.append(slot)
+    if not slots:
+        raise StageError(f"{model_path}: no decoder projections found to attach LoRA to (unexpected builder output)")
+    graph.ClearField("node")
+    graph.node.extend(new_nodes)
+    onnx.save(model, str(model_path))
+    return slots
+
+
+def _read_peft(adapter_dir: Path) -> tuple[dict, dict[tuple[int, str, str], np.ndarray]]:
+    from safetensors.numpy import load_file
+
+    config_file, weights_file = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    if not config_file.exists():
+        raise StageError(f"{config_file}: not found (not a PEFT adapter folder)")
+    if not weights_file.exists():
+        raise StageError(f"{weights_file}: not found (only safetensors adapters are supported)")
+    config = json.loads(config_file.read_text())
+    if config.get("peft_type") != "LORA":
+        raise StageError(f"{config_file}: peft_type is {config.get('peft_type')!r}, only LORA is supported")
+    for key in UNSUPPORTED:
+        if config.get(key):
+            raise StageError(f"{config_file}: '{key}' is set; the ONNX conversion does not support it")
+    tensors = {}
+    for key, value in load_file(str(weights_file)).items():
+        match = PEFT_KEY.search(key)
+        if not match:
+            raise StageError(f"{weights_file}: unexpected tensor '{key}' (only decoder-layer LoRA projections)")
+        tensors[(int(match[1]), match[2], match[3])] = value.astype(np.float32)
+    if not tensors:
+        raise StageError(f"{weights_file}: no LoRA tensors")
+    return config, tensors
+
+
+def peft_to_inputs(adapter_dir: Path, slots: list[LoraSlot]) -> dict[str, np.ndarray]:
+    """The adapter's weights as values for every LoRA input of the graph (PEFT scaling folded into B).
+
+    Every slot gets a value, rank 0 where the adapter does not touch it, so each adapter file names every input.
+    """
+    config, tensors = _read_peft(adapter_dir)
+    r = int(config["r"])
+    scaling = config["lora_alpha"] / (r**0.5 if config.get("use_rslora") else r)
+    known = {(s.layer, p) for s in slots for p in s.parts}
+    stray = sorted({(layer, mod) for layer, mod, _ in tensors} - known)
+    if stray:
+        raise StageError(f"{adapter_dir}: LoRA on layer {stray[0][0]} {stray[0][1]}, which the ONNX model has no slot for")
+    values = {}
+    for slot in slots:
+        used = [p for p in slot.parts if (slot.layer, p, "A") in tensors]
+        rank = r * len(used)
+        a = np.zeros((slot.in_features, rank), np.float32)
+        b = np.zeros((rank, sum(slot.widths)), np.float32)
+        col, row = 0, 0
+        for part, width in zip(slot.parts, slot.widths, strict=True):
+            if part in used:
+                lora_a, lora_b = tensors[(slot.layer, part, "A")], tensors[(slot.layer, part, "B")]
+                if lora_a.shape != (r, slot.in_features) or lora_b.shape != (width, r):
+                    raise StageError(f"{adapter_dir}: layer {slot.layer} {part} LoRA shapes {lora_a.shape}, {lora_b.shape} do not fit the model")
+                a[:, row : row + r] = lora_a.T
+                b[row : row + r, col : col + width] = lora_b.T * scaling
+                row += r
+            col += width
+        values[slot.a], values[slot.b] = a, b
+    return values
+
+
+def write_adapter(values: dict[str, np.ndarray], path: Path) -> None:
+    import onnxruntime as ort
+
+    # OrtValues borrow the numpy buffers: `values` must outlive the export, hence the local references.
+    arrays = {name: np.ascontiguousarray(v) for name, v in values.items()}
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    fmt.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(v) for name, v in arrays.items()})
+    fmt.export_adapter(str(path))
+
+
+def read_adapter(path: Path) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    fmt = ort.AdapterFormat.read_adapter(str(path))
+    # Copy while `fmt` is alive: the OrtValues point into its buffer and dangle once it is freed.
+    values = {name: np.array(v.numpy(), copy=True) for name, v in fmt.get_parameters().items()}
+    del fmt
+    return values

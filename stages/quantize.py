@@ -1,0 +1,196 @@
+"""Stage quantize: AWQ int4 with llm-compressor, plus plain round-to-nearest (RTN) int4 as the control.
+
+Both are stored "fake-quantized": dense weights that already sit on the int4 grid (asymmetric min/max, one scale and
+zero point per `group_size` inputs). Torch, peft and the ONNX exporter read them as an ordinary checkpoint, and
+re-quantizing to the same grid at export is exact (tests/test_quantize.py checks it), so the AWQ result survives.
+
+Outputs: models/quantized/ (AWQ), models/rtn/ (control), metrics/quantize.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+
+from stages.common import (
+    StageError,
+    atomic_dir,
+    check_device,
+    dir_size_mb,
+    load_params,
+    main,
+    remove_outputs,
+    require,
+    write_json,
+)
+from stages.lm import encode_example, eval_loss, load_model, load_tokenizer, perplexity, read_jsonl
+
+log = logging.getLogger("stages.quantize")
+
+BASE = Path("models/base")
+OUT_AWQ = Path("models/quantized")
+OUT_RTN = Path("models/rtn")
+METRICS = Path("metrics/quantize.json")
+SPLITS = Path("data/split")
+META_FILE = "int4_grid.json"
+# A broken quantization (seen with autoawq on CPU: loss 13 vs 3) is refused rather than passed downstream.
+COLLAPSE_RATIO = 2.0  # what grid the weights sit on; the optimize stage reads it
+
+
+def _cpu_safe_llmcompressor() -> None:
+    """llm-compressor pins cached activations for faster host-to-GPU copies; pin_memory crashes without CUDA."""
+    import torch
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if not torch.cuda.is_available():
+        IntermediatesCache._pin_intermediate = classmethod(lambda cls, intermediate: None)
+
+
+def scheme(bits: int, group_size: int, symmetric: bool):
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy="group", group_size=group_size)
+    return {"group_0": QuantizationScheme(targets=["Linear"], weights=args)}
+
+
+def calibration_rows(tasks: list[str], n: int, seed: int) -> list[dict]:
+    """Up to n training rows, drawn evenly from every task (our own data, never a hub dataset)."""
+    per_task = [read_jsonl(SPLITS / t / "train.jsonl") for t in tasks]
+    rng = random.Random(seed)
+    for rows in per_task:
+        rng.shuffle(rows)
+    mixed = [row for group in zip(*per_task, strict=False) for row in group]
+    return mixed[:n]
+
+
+def calibration_dataset(tokenizer, rows: list[dict], seq_len: int):
+    from datasets import Dataset
+
+    ids = [encode_example(tokenizer, r["prompt"], r["response"], seq_len)[0] for r in rows]
+    return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(i) for i in ids]})
+
+
+def bake(model):
+    """Replace each quantized Linear's weight by its fake-quantized value; return a plain state dict."""
+    import torch
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    state = {}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            qscheme = getattr(module, "quantization_scheme", None)
+            if qscheme is None or qscheme.weights is None or not hasattr(module, "weight_scale"):
+                continue
+            zero = getattr(module, "weight_zero_point", None)
+            state[f"{name}.weight"] = fake_quantize(module.weight, module.weight_scale, zero, qscheme.weights).clone()
+    if not state:
+        raise StageError("llm-compressor quantized no Linear layer (check quantize params and the model type)")
+    return state
+
+
+def quantize(model_dir: Path, out: Path, method: str, q: dict, group_size: int, rows: list[dict], device: str) -> None:
+    """Run AWQ or RTN on the model in `model_dir` and save the fake-quantized result to `out`."""
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.awq import AWQModifier
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    _cpu_safe_llmcompressor()
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir, device)
+    groups = scheme(q["bits"], group_size, q["symmetric"])
+    if method == "awq":
+        recipe = AWQModifier(config_groups=groups, ignore=["lm_head"])
+        data = calibration_dataset(tokenizer, rows, q["calib_seq_len"])
+        oneshot(model=model, recipe=recipe, dataset=data, num_calibration_samples=len(rows),
+                max_seq_length=q["calib_seq_len"], shuffle_calibration_samples=False, pipeline="sequential")
+    elif method == "rtn":
+        oneshot(model=model, recipe=QuantizationModifier(config_groups=groups, ignore=["lm_head"]))
+    else:
+        raise StageError(f"params.yaml: quantize.method must be 'awq' (RTN is always written as the control), not '{method}'")
+    baked = bake(model)
+    # A fresh model (no quantization hooks) with AWQ's smoothed norms and the fake-quantized Linear weights.
+    clean = load_model(model_dir, "cpu")
+    state = {k: v for k, v in model.state_dict().items() if k in clean.state_dict()}
+    state.update(baked)
+    missing, unexpected = clean.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
+    if missing or unexpected:
+        raise StageError(f"quantized weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    with atomic_dir(out) as tmp:
+        clean.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / META_FILE, {"method": method, "bits": q["bits"], "group_size": group_size,
+                                     "symmetric": q["symmetric"], "quantized": sorted(baked)})
+
+
+def int4_size_mb(model_dir: Path, bits: int, group_size: int) -> float:
+    """Size the model would have packed: int4 Linear weights + fp16 scale and zero point per group, the rest fp16."""
+    from safetensors import safe_open
+
+    meta = read_jsonl_meta(model_dir)
+    total = 0.0
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+            n = f.get_slice(key).get_shape()
+            numel = 1
+            for d in n:
+                numel *= d
+            total += numel * bits / 8 + numel / group_size * 4 if key in meta else numel * 2
+    return round(total / 1e6, 2)
+
+
+def read_jsonl_meta(model_dir: Path) -> set[str]:
+    import json
+
+    return set(json.loads((model_dir / META_FILE).read_text())["quantized"])
+
+
+@main
+def run(argv: list[str]) -> None:
+    params = load_params()
+    q = require(params, "quantize")
+    device = check_device(require(params, "device.name"))
+    tasks = require(params, "tasks")
+    group_size = require(params, "model.group_size")
+    if q["bits"] != 4:
+        raise StageError("params.yaml: quantize.bits must be 4 (the ONNX int4 export needs it)")
+    eval_rows = [r for t in tasks for r in read_jsonl(SPLITS / t / "eval.jsonl")]
+    rows = calibration_rows(tasks, q["calib_samples"], require(params, "data.seed"))
+    log.info("calibrating AWQ on %d training rows of %s (seq len %d)", len(rows), "+".join(tasks), q["calib_seq_len"])
+
+    start = time.time()
+    quantize(BASE, OUT_AWQ, "awq", q, group_size, rows, device)
+    awq_seconds = time.time() - start
+    log.info("AWQ done in %.0f s; now the RTN control", awq_seconds)
+    quantize(BASE, OUT_RTN, "rtn", q, group_size, rows, device)
+
+    losses = {}
+    for name, path in (("fp32", BASE), ("rtn", OUT_RTN), ("awq", OUT_AWQ)):
+        tok, model = load_tokenizer(path), load_model(path, device)
+        losses[name] = eval_loss(model, tok, eval_rows, max_len=require(params, "finetune.max_seq_len"))
+        log.info("%s: eval loss %.4f, perplexity %.3f", name, losses[name], perplexity(losses[name]))
+        del model
+    metrics = {
+        "fp32_ppl": perplexity(losses["fp32"]),
+        "rtn_ppl": perplexity(losses["rtn"]),
+        "awq_ppl": perplexity(losses["awq"]),
+        "awq_over_fp32": round(perplexity(losses["awq"]) / perplexity(losses["fp32"]), 4),
+        "rtn_over_fp32": round(perplexity(losses["rtn"]) / perplexity(losses["fp32"]), 4),
+        "fp32_eval_loss": round(losses["fp32"], 4),
+        "awq_eval_loss": round(losses["awq"], 4),
+        "seconds": round(awq_seconds, 1),
+        "calib_samples": len(rows),
+        "base_mb": dir_size_mb(BASE),
+        "int4_packed_mb": int4_size_mb(OUT_AWQ, q["bits"], group_size),
+    }
+    log.info("awq_ppl %.3f vs rtn_ppl %.3f (fp32 %.3f)", metrics["awq_ppl"], metrics["rtn_ppl"], metrics["fp32_ppl"])
+    if metrics["awq_ppl"] > COLLAPSE_RATIO * metrics["fp32_ppl"]:
+        remove_outputs(OUT_AWQ, OUT_RTN)
+        raise StageError(f"AWQ collapsed the model: perplexity {metrics['awq_ppl']} vs fp32 {metrics['fp32_ppl']}")
+    write_json(METRICS, metrics)
+
+
+if __name__ == "__main__":
+    run()
