@@ -41,6 +41,7 @@ class LoraSlot:
     parts: tuple[str, ...]  # HF module names, e.g. ("q_proj", "k_proj", "v_proj")
     widths: tuple[int, ...]  # output width of each part
     in_features: int
+    dtype: str  # the graph's activation type: float32 on CPU, float16 on CUDA
 
     @property
     def a(self) -> str:
@@ -83,10 +84,12 @@ def add_lora_inputs(model_path: Path, hf_config: dict) -> list[LoraSlot]:
     Only the graph proto changes: the weights stay in the external data file next to it.
     """
     import onnx
-    from onnx import TensorProto, helper
+    from onnx import helper
 
     model = onnx.load(str(model_path), load_external_data=False)
     graph = model.graph
+    elem = next(o.type.tensor_type.elem_type for o in graph.output if o.name == "logits")
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(elem).name
     nodes = list(graph.node)
     consumers: dict[str, list] = {}
     for node in nodes:
@@ -104,7 +107,7 @@ def add_lora_inputs(model_path: Path, hf_config: dict) -> list[LoraSlot]:
         k, n = _weight_shape(graph, node)
         if sum(widths) != n:
             raise StageError(f"{model_path}: {node.name} has {n} outputs, config.json implies {sum(widths)} for {parts}")
-        slot = LoraSlot(layer, f"model.layers.{layer}.{block}.{proj}", parts, widths, k)
+        slot = LoraSlot(layer, f"model.layers.{layer}.{block}.{proj}", parts, widths, k, dtype)
         x, y = node.input[0], node.output[0]
         base = f"/model/layers.{layer}/{block}/{proj}/lora"
         hidden, delta, summed = f"{base}/A/output_0", f"{base}/B/output_0", f"{base}/Add/output_0"
@@ -117,15 +120,16 @@ def add_lora_inputs(model_path: Path, hf_config: dict) -> list[LoraSlot]:
         ]
         graph.input.extend(
             [
-                helper.make_tensor_value_info(slot.a, TensorProto.FLOAT, [k, "lora_rank"]),
-                helper.make_tensor_value_info(slot.b, TensorProto.FLOAT, ["lora_rank", n]),
+                # a rank dim per slot: packed slots have a multiple of the rank, and ORT plans buffers by dim name
+                helper.make_tensor_value_info(slot.a, elem, [k, f"{slot.name}.rank"]),
+                helper.make_tensor_value_info(slot.b, elem, [f"{slot.name}.rank", n]),
             ]
         )
         # Defaults of rank 0: without an active adapter the branch adds zeros.
         graph.initializer.extend(
             [
-                helper.make_tensor(slot.a, TensorProto.FLOAT, [k, 0], []),
-                helper.make_tensor(slot.b, TensorProto.FLOAT, [0, n], []),
+                helper.make_tensor(slot.a, elem, [k, 0], []),
+                helper.make_tensor(slot.b, elem, [0, n], []),
             ]
         )
         slots.append(slot)
@@ -190,7 +194,7 @@ def peft_to_inputs(adapter_dir: Path, slots: list[LoraSlot]) -> dict[str, np.nda
                 b[row : row + r, col : col + width] = lora_b.T * scaling
                 row += r
             col += width
-        values[slot.a], values[slot.b] = a, b
+        values[slot.a], values[slot.b] = a.astype(slot.dtype), b.astype(slot.dtype)
     return values
 
 

@@ -1,0 +1,82 @@
+"""Export a Hugging Face folder to an ORT GenAI model with the onnxruntime-genai model builder (Python API).
+
+The builder's own CLI is not used: its --help crashes, and it returns 0 after some failures. Called in-process,
+a failure raises and we turn it into one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from stages.common import StageError
+
+log = logging.getLogger("stages.onnx_build")
+
+PRECISIONS = ("int4", "fp32")
+PROVIDERS = ("cpu", "cuda")
+LM_HEADS = ("fp32", "int8", "int4")
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # what MatMulNBits accepts
+
+
+def builder_options(precision: str, block_size: int, accuracy_level: int, lm_head: str) -> list[str]:
+    """KEY=VALUE options for the builder.
+
+    int4 is asymmetric min/max round-to-nearest per `block_size` inputs, the grid the quantize stage left the
+    weights on, so re-quantizing them changes nothing. The tied embedding/lm_head matrix is not on that grid:
+      fp32  keep it dense and shared by Gather and lm_head (exact; the largest and slowest head)
+      int8  lm_head as 8-bit MatMulNBits, embeddings dense (the builder cannot share an int8 matrix)
+      int4  the builder default: one int4 matrix for both (smallest, measurably worse loss)
+    """
+    if precision not in PRECISIONS:
+        raise StageError(f"params.yaml: optimize.precision must be one of {PRECISIONS}, not '{precision}'")
+    if precision == "fp32":
+        return []
+    if block_size not in BLOCK_SIZES:
+        raise StageError(f"params.yaml: optimize.block_size must be one of {BLOCK_SIZES}, not {block_size}")
+    if lm_head not in LM_HEADS:
+        raise StageError(f"params.yaml: optimize.lm_head must be one of {LM_HEADS}, not '{lm_head}'")
+    opts = [f"block_size={block_size}", f"accuracy_level={accuracy_level}", "is_symmetric=false",
+            # one MatMulNBits for gate+up (then Split): fewer nodes per token, and one LoRA branch for both
+            "fuse_mlp_gate_up=true"]
+    if lm_head == "fp32":
+        opts.append("nodes_to_exclude=/lm_head/MatMul,/model/embed_tokens/Gather")
+    elif lm_head == "int8":
+        # shared int8 embeddings come out broken (an input name that does not exist), so keep them apart
+        opts += ["matmul_mixed_precision=last_matmul:int8", "shared_embeddings=false",
+                 "nodes_to_exclude=/model/embed_tokens/Gather"]
+    return opts
+
+
+def export_model(hf_dir: Path, out_dir: Path, *, precision: str, block_size: int, accuracy_level: int,
+                 execution_provider: str, lm_head: str) -> None:
+    """Run the builder on `hf_dir`, writing model.onnx(+.data), genai_config.json and tokenizer files to `out_dir`."""
+    if execution_provider not in PROVIDERS:
+        raise StageError(f"params.yaml: device.execution_provider must be one of {PROVIDERS}, not '{execution_provider}'")
+    import onnxruntime_genai.models  # noqa: F401  (puts the builder's own modules on sys.path)
+    from onnxruntime_genai.models.builder import create_model, parse_extra_options
+
+    extra = builder_options(precision, block_size, accuracy_level, lm_head)
+    log.info("exporting %s -> %s (%s, %s, %s)", hf_dir, out_dir, precision, execution_provider, " ".join(extra))
+    cache = Path(tempfile.mkdtemp(prefix="builder-cache-"))
+    quiet = logging.getLogger("onnxruntime.quantization")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # one INFO line per MatMul otherwise
+    chatter = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(chatter):
+            opts = parse_extra_options(None, str(hf_dir), str(out_dir), precision, execution_provider, str(cache), extra)
+            create_model(None, str(hf_dir), str(out_dir), precision, execution_provider, str(cache), **opts)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise StageError(f"onnxruntime-genai model builder failed on {hf_dir}: {type(exc).__name__}: {first}") from exc
+    finally:
+        quiet.setLevel(level)
+        shutil.rmtree(cache, ignore_errors=True)
+    for name in ("model.onnx", "genai_config.json"):
+        if not (out_dir / name).exists():
+            raise StageError(f"onnxruntime-genai model builder wrote no {name} in {out_dir}: {chatter.getvalue()[-300:]}")

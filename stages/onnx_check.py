@@ -1,0 +1,151 @@
+"""Checks of an exported ONNX model against its Hugging Face source: int4 weights, logits, eval loss."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+
+from stages.common import StageError
+from stages.lm import IGNORE, encode_example
+
+log = logging.getLogger("stages.onnx_check")
+
+NODE_TO_HF = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(\w+_proj)/MatMul_Q\d+$")
+HF_BLOCK = {"attn": "self_attn", "mlp": "mlp"}
+PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Unsigned `bits`-wide values stored little-end-first in bytes, last axis unpacked to `count`."""
+    if bits == 8:
+        return packed[..., :count].astype(np.float32)
+    low, high = packed & 0x0F, packed >> 4
+    return np.stack([low, high], axis=-1).reshape(*packed.shape[:-1], -1)[..., :count].astype(np.float32)
+
+
+def dequantize_matmulnbits(node, initializers: dict[str, np.ndarray]) -> np.ndarray:
+    """The [N, K] float weight a MatMulNBits node computes with (scale * (q - zero_point), blockwise along K)."""
+    attrs = {a.name: a.i for a in node.attribute}
+    n, k, bits, block = attrs["N"], attrs["K"], attrs["bits"], attrs["block_size"]
+    blocks = -(-k // block)
+    q = _unpack(initializers[node.input[1]].reshape(n, blocks, -1), bits, block)
+    scales = initializers[node.input[2]].reshape(n, blocks, 1).astype(np.float32)
+    if len(node.input) > 3 and node.input[3]:
+        zp = _unpack(initializers[node.input[3]].reshape(n, -1), bits, blocks).reshape(n, blocks, 1)
+    else:
+        zp = np.full((n, blocks, 1), 2 ** (bits - 1), np.float32)
+    return ((q - zp) * scales).reshape(n, blocks * block)[:, :k]
+
+
+def int4_grid_error(onnx_path: Path, hf_dir: Path) -> dict[str, float]:
+    """Largest |ONNX weight - HF weight| over the decoder projections, absolute and relative to the weight scale.
+
+    Zero (to float rounding) when the export re-quantized weights that were already on its int4 grid.
+    """
+    import onnx
+    from onnx import numpy_helper
+    from safetensors.numpy import load_file
+
+    model = onnx.load(str(onnx_path), load_external_data=True)
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    hf = {}
+    for f in sorted(Path(hf_dir).glob("*.safetensors")):
+        hf.update(load_file(str(f)))
+    worst_abs, worst_rel, checked = 0.0, 0.0, 0
+    for node in model.graph.node:
+        match = NODE_TO_HF.match(node.name)
+        if node.op_type != "MatMulNBits" or not match:
+            continue
+        layer, block, proj = match[1], HF_BLOCK[match[2]], match[3]
+        parts = PACKED.get(proj, (proj,))
+        ref = np.concatenate([hf[f"model.layers.{layer}.{block}.{p}.weight"] for p in parts]).astype(np.float32)
+        got = dequantize_matmulnbits(node, inits)
+        if got.shape != ref.shape:
+            raise StageError(f"{onnx_path}: {node.name} weight shape {got.shape} != Hugging Face {ref.shape}")
+        err = float(np.abs(got - ref).max())
+        worst_abs = max(worst_abs, err)
+        worst_rel = max(worst_rel, err / max(float(np.abs(ref).max()), 1e-12))
+        checked += 1
+    if not checked:
+        raise StageError(f"{onnx_path}: no int4 decoder projections found")
+    return {"max_abs": worst_abs, "max_rel": worst_rel, "matmuls": checked}
+
+
+class OnnxLM:
+    """Full-sequence logits from the exported decoder through a plain ORT session (one forward, empty KV cache).
+
+    ORT GenAI only hands back the last position's logits; this runs the same graph and kernels for all of them.
+    """
+
+    def __init__(self, model_dir: Path | str, threads: int = 0):
+        import onnxruntime as ort
+
+        model_dir = Path(model_dir)
+        config = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(model_dir / config["filename"]), opts, providers=["CPUExecutionProvider"])
+        self.names = config["inputs"]
+        self.layers, self.kv_heads, self.head = (
+            config["num_hidden_layers"],
+            config["num_key_value_heads"],
+            config["head_size"],
+        )
+        self.input_names = {i.name for i in self.session.get_inputs()}
+
+    def logits(self, ids: list[int], adapter: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        feeds = {
+            self.names["input_ids"]: np.asarray([ids], np.int64),
+            self.names["attention_mask"]: np.ones((1, len(ids)), np.int64),
+        }
+        empty = np.zeros((1, self.kv_heads, 0, self.head), np.float32)
+        for i in range(self.layers):
+            feeds[self.names["past_key_names"] % i] = empty
+            feeds[self.names["past_value_names"] % i] = empty
+        feeds = {k: v for k, v in feeds.items() if k in self.input_names}
+        feeds.update(adapter or {})
+        (logits,) = self.session.run(["logits"], feeds)
+        return logits[0]
+
+
+def _nll(logits: np.ndarray, labels: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-position NLL and argmax for the positions that predict a labelled token."""
+    targets = np.asarray(labels[1:])
+    keep = targets != IGNORE
+    rows = logits[:-1][keep].astype(np.float64)
+    rows -= rows.max(-1, keepdims=True)
+    logp = rows - np.log(np.exp(rows).sum(-1, keepdims=True))
+    return -logp[np.arange(len(rows)), targets[keep]], rows.argmax(-1)
+
+
+def agreement(onnx_lm: OnnxLM, torch_model, tokenizer, rows: list[dict], max_len: int, adapter=None) -> dict:
+    """ONNX vs torch on `rows`: share of scored positions with the same argmax, and both mean losses."""
+    import torch
+
+    same = total = 0
+    nll_onnx = nll_torch = 0.0
+    for row in rows:
+        ids, labels = encode_example(tokenizer, row["prompt"], row["response"], max_len)
+        with torch.inference_mode():
+            ref = torch_model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+        got = onnx_lm.logits(ids, adapter)
+        loss_o, arg_o = _nll(got, labels)
+        loss_t, arg_t = _nll(ref, labels)
+        same += int((arg_o == arg_t).sum())
+        total += len(arg_t)
+        nll_onnx += float(loss_o.sum())
+        nll_torch += float(loss_t.sum())
+    if total == 0:
+        raise StageError("no response tokens to compare (empty eval rows?)")
+    loss_onnx, loss_torch = nll_onnx / total, nll_torch / total
+    return {
+        "argmax_agreement": round(same / total, 4),
+        "loss_onnx": round(loss_onnx, 4),
+        "loss_torch": round(loss_torch, 4),
+        "loss_ratio": round(loss_onnx / loss_torch, 4),
+        "tokens": total,
+    }
