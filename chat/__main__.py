@@ -1,0 +1,64 @@
+"""python -m chat [--model DIR] [--adapter NAME] [--db FILE]: the terminal chat on the ONNX model.
+
+Defaults come from params.yaml `chat.*` (model_dir, system_prompt, temperature, top_p, max_new_tokens).
+Anything wrong before the UI starts (no model, unknown adapter, bad params) is one line on stderr and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from chat.engine import BASE, Engine, EngineError
+from chat.settings import from_params
+from chat.store import DB_ENV, Store, StoreError, default_db_path
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m chat", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="model folder (model/ + adapters/); default: params chat.model_dir")
+    parser.add_argument("--adapter", default=BASE, help=f"adapter for the first reply (default: {BASE})")
+    parser.add_argument("--db", help=f"conversation database (default: ${DB_ENV} or {default_db_path()})")
+    parser.add_argument("--params", default="params.yaml", help="params file with the chat section")
+    parser.add_argument("--export-dir", default=".", help="where Markdown exports go (default: here)")
+    return parser.parse_args(argv)
+
+
+def build_app(args: argparse.Namespace):
+    """Everything that can fail without a screen, checked before the UI starts."""
+    from stages.common import StageError, load_params
+
+    try:
+        settings = from_params(load_params(args.params), args.params)
+    except StageError as exc:
+        raise EngineError(str(exc)) from exc
+    if args.model:
+        settings.model_dir = Path(args.model)
+    engine = Engine(settings.model_dir)  # ModelMissing names the command that builds it
+    if args.adapter not in engine.adapter_names:
+        found = ", ".join(engine.adapter_names)
+        raise EngineError(f"adapter '{args.adapter}' not found in {settings.model_dir / 'adapters'} (have: {found})")
+    store = Store(Path(args.db) if args.db else default_db_path())
+
+    from chat.app import ChatApp  # Textual only once the checks have passed
+
+    return ChatApp(engine, store, settings, adapter=args.adapter, export_dir=args.export_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        app = build_app(args)
+    except (EngineError, StoreError) as exc:
+        print(f"chat: error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        app.run()
+    finally:
+        app.store.close()
+    return app.return_code or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

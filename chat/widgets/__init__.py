@@ -1,0 +1,1 @@
+"""The chat screen's parts: prompt input, message rows, status bar."""
