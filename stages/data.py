@@ -165,3 +165,15 @@ def run(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     run()
+
+
+def score_trip_json(reply: str, reference: str) -> tuple[bool, float]:
+    """(reply is one JSON object with exactly the trip fields, share of fields equal to the reference's)."""
+    try:
+        obj = json.loads(reply)
+    except json.JSONDecodeError:
+        return False, 0.0
+    if not isinstance(obj, dict) or set(obj) != set(TRIP_KEYS):
+        return False, 0.0
+    ref = json.loads(reference)
+    return True, sum(obj[k] == ref[k] for k in TRIP_KEYS) / len(TRIP_KEYS)

@@ -81,8 +81,10 @@ def batches(examples: list[tuple[list[int], list[int]]], batch_size: int, pad_id
         yield {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def token_nll(model, batch: dict) -> tuple[float, int]:
-    """Summed next-token negative log-likelihood over labelled tokens, and their count."""
+def token_nll(model, batch: dict, grad: bool = False):
+    """Summed next-token negative log-likelihood over labelled tokens, and their count.
+
+    With grad=True the sum stays a tensor to back-propagate through; otherwise it is a float."""
     import torch
 
     device = next(model.parameters()).device
@@ -91,7 +93,7 @@ def token_nll(model, batch: dict) -> tuple[float, int]:
     shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
     shift_labels = batch["labels"][:, 1:].reshape(-1)
     loss = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE, reduction="sum")
-    return float(loss), int((shift_labels != IGNORE).sum())
+    return (loss if grad else float(loss)), int((shift_labels != IGNORE).sum())
 
 
 def eval_loss(model, tokenizer, rows: list[dict], max_len: int, batch_size: int = 16) -> float:
@@ -113,18 +115,27 @@ def perplexity(loss: float) -> float:
     return round(math.exp(loss), 4)
 
 
-def greedy_reply(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+def greedy_replies(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16) -> list[str]:
+    """Greedy replies for many prompts, batched with left padding (much faster than one at a time on CPU)."""
     import torch
 
-    text = prompt_text(tokenizer, prompt)
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(next(model.parameters()).device)
-    with torch.inference_mode():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=[_end_token(tokenizer), tokenizer.eos_token_id],
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    device = next(model.parameters()).device
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    replies: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            texts = [prompt_text(tokenizer, p) for p in prompts[start : start + batch_size]]
+            enc = tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True).to(device)
+            with torch.inference_mode():
+                out = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=[_end_token(tokenizer), tokenizer.eos_token_id],
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            replies += tokenizer.batch_decode(out[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return [r.strip() for r in replies]

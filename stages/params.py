@@ -1,6 +1,6 @@
 """Compose conf/ into params.yaml exactly as `dvc exp run` does (DVC's own Hydra helper).
 
-    python -m stages.params [OVERRIDE ...] [--out FILE]      e.g. model=tiny finetune.max_steps=5
+python -m stages.params [OVERRIDE ...] [--out FILE]      e.g. model=tiny finetune.max_steps=5
 """
 
 from __future__ import annotations

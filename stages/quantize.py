@@ -101,14 +101,23 @@ def quantize(model_dir: Path, out: Path, method: str, q: dict, group_size: int, 
     model = load_model(model_dir, device)
     groups = scheme(q["bits"], group_size, q["symmetric"])
     if method == "awq":
-        recipe = AWQModifier(config_groups=groups, ignore=["lm_head"])
+        recipe = AWQModifier(config_groups=groups, ignore=["lm_head"], n_grid=q["n_grid"])
         data = calibration_dataset(tokenizer, rows, q["calib_seq_len"])
-        oneshot(model=model, recipe=recipe, dataset=data, num_calibration_samples=len(rows),
-                max_seq_length=q["calib_seq_len"], shuffle_calibration_samples=False, pipeline="sequential")
+        oneshot(
+            model=model,
+            recipe=recipe,
+            dataset=data,
+            num_calibration_samples=len(rows),
+            max_seq_length=q["calib_seq_len"],
+            shuffle_calibration_samples=False,
+            pipeline="sequential",
+        )
     elif method == "rtn":
         oneshot(model=model, recipe=QuantizationModifier(config_groups=groups, ignore=["lm_head"]))
     else:
-        raise StageError(f"params.yaml: quantize.method must be 'awq' (RTN is always written as the control), not '{method}'")
+        raise StageError(
+            f"params.yaml: quantize.method must be 'awq' (RTN is always written as the control), not '{method}'"
+        )
     baked = bake(model)
     # A fresh model (no quantization hooks) with AWQ's smoothed norms and the fake-quantized Linear weights.
     clean = load_model(model_dir, "cpu")
@@ -121,8 +130,16 @@ def quantize(model_dir: Path, out: Path, method: str, q: dict, group_size: int, 
     with atomic_dir(out) as tmp:
         clean.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        write_json(tmp / META_FILE, {"method": method, "bits": q["bits"], "group_size": group_size,
-                                     "symmetric": q["symmetric"], "quantized": sorted(baked)})
+        write_json(
+            tmp / META_FILE,
+            {
+                "method": method,
+                "bits": q["bits"],
+                "group_size": group_size,
+                "symmetric": q["symmetric"],
+                "quantized": sorted(baked),
+            },
+        )
 
 
 def int4_size_mb(model_dir: Path, bits: int, group_size: int) -> float:
@@ -169,7 +186,7 @@ def run(argv: list[str]) -> None:
     losses = {}
     for name, path in (("fp32", BASE), ("rtn", OUT_RTN), ("awq", OUT_AWQ)):
         tok, model = load_tokenizer(path), load_model(path, device)
-        losses[name] = eval_loss(model, tok, eval_rows, max_len=require(params, "finetune.max_seq_len"))
+        losses[name] = eval_loss(model, tok, eval_rows, max_len=require(params, "evaluate.max_seq_len"))
         log.info("%s: eval loss %.4f, perplexity %.3f", name, losses[name], perplexity(losses[name]))
         del model
     metrics = {

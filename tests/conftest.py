@@ -56,7 +56,9 @@ def make_random_adapter(base: Path, out: Path, seed: int, r: int = 4) -> Path:
 def tiny_adapters(tiny_base, tmp_path_factory) -> dict[str, Path]:
     """Two random LoRA adapters (r=4) on `tiny_base`, named like the real tasks: {"travel": dir, "trip_json": dir}."""
     root = tmp_path_factory.mktemp("tiny_adapters")
-    return {name: make_random_adapter(tiny_base, root / name, seed) for seed, name in enumerate(["travel", "trip_json"])}
+    return {
+        name: make_random_adapter(tiny_base, root / name, seed) for seed, name in enumerate(["travel", "trip_json"])
+    }
 
 
 @pytest.fixture(scope="session")
@@ -65,5 +67,7 @@ def tiny_onnx(tiny_base, tiny_adapters, tmp_path_factory) -> Path:
     from stages.optimize import build_onnx
 
     out = tmp_path_factory.mktemp("tiny_onnx") / "onnx"
-    build_onnx(tiny_base, out, tiny_adapters, precision="int4", block_size=32, accuracy_level=4, execution_provider="cpu")
+    build_onnx(
+        tiny_base, out, tiny_adapters, precision="int4", block_size=32, accuracy_level=4, execution_provider="cpu"
+    )
     return out

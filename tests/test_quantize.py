@@ -20,7 +20,7 @@ ROWS = [
     }
     for i in range(16)
 ]
-QPARAMS = {"bits": 4, "symmetric": False, "calib_samples": 16, "calib_seq_len": 64}
+QPARAMS = {"n_grid": 10, "bits": 4, "symmetric": False, "calib_samples": 16, "calib_seq_len": 64}
 
 
 @pytest.fixture(scope="module")
@@ -94,5 +94,7 @@ def test_cuda_on_a_cpu_machine_fails_at_once(tmp_path):
     write_params(tmp_path, params)
     proc = run_stage("quantize", tmp_path, timeout=120)
     assert proc.returncode == 1
-    assert error_lines(proc) == ["quantize: error: device=cuda but no CUDA GPU is visible to torch here; use device=cpu"]
+    assert error_lines(proc) == [
+        "quantize: error: device=cuda but no CUDA GPU is visible to torch here; use device=cpu"
+    ]
     assert "Traceback" not in proc.stderr

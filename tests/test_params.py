@@ -1,0 +1,34 @@
+"""params.yaml is what `dvc exp run` would compose from conf/, so plain `dvc repro` and experiments agree."""
+
+from __future__ import annotations
+
+import yaml
+
+from stages.params import compose_params
+from tests.helpers import ROOT
+
+
+def test_params_yaml_equals_the_composition_of_conf(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "params.yaml"
+    compose_params(out)
+    assert out.read_text() == (ROOT / "params.yaml").read_text(), "params.yaml drifted from conf/: run `make params`"
+
+
+def test_overrides_compose_like_dvc_exp_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "params.yaml"
+    compose_params(out, ["model=phi35_mini", "finetune.max_steps=50", "device=cuda"])
+    params = yaml.safe_load(out.read_text())
+    assert params["model"]["hub_id"] == "microsoft/Phi-3.5-mini-instruct"
+    assert params["model"]["group_size"] == 128
+    assert params["finetune"]["max_steps"] == 50
+    assert params["device"]["execution_provider"] == "cuda"
+
+
+def test_every_task_has_data_and_finetune_settings():
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert len(params["tasks"]) >= 2
+    for task in params["tasks"]:
+        assert (ROOT / "data" / f"{task}.jsonl").exists()
+        assert task in params["finetune"]["tasks"]
