@@ -50,10 +50,17 @@ WORKSPACE_ENV = {
     "workspace": "AZUREML_WORKSPACE",
 }
 IMDS_URL = "http://169.254.169.254"
-SIGN_IN_ENDPOINT_ENV = ("IDENTITY_ENDPOINT", "MSI_ENDPOINT", "AZURE_AUTHORITY_HOST")
+SIGN_IN_ENDPOINT_ENV = (
+    "IDENTITY_ENDPOINT",
+    "MSI_ENDPOINT",
+    "AZURE_AUTHORITY_HOST",
+    "AZURE_POD_IDENTITY_AUTHORITY_HOST",
+)
 ARM_SCOPE = "https://management.azure.com/.default"  # public cloud; sovereign clouds would need their own
 READ_TIMEOUT_S = 60  # per HTTP read after the bounded connect phase (uploads are chunked, so this is per chunk)
 MAX_METRIC_TAGS = 30
+INTERPRETER_START_S = 0.1  # before run() starts: measured ~0.06 s
+EXIT_S = 1.5  # interpreter teardown after the error, with azure.ai.ml loaded: measured 0.5-0.8 s on a busy machine
 SCHEMA = "https://azuremlschemas.azureedge.net/latest/model.schema.json"
 
 
@@ -238,7 +245,9 @@ def call_within(fn: Callable[[], Any], seconds: float, on_timeout: str) -> Any:
 
 
 def sign_in_timeout(seconds: float) -> str:
-    where = next((f" from {os.environ[e]} (env {e})" for e in SIGN_IN_ENDPOINT_ENV if os.environ.get(e)), "")
+    where = next(
+        (f" (sign-in endpoint from env {e}: {os.environ[e]})" for e in SIGN_IN_ENDPOINT_ENV if os.environ.get(e)), ""
+    )
     return (
         f"Azure sign-in got no answer within {seconds:g} s (upload.timeout_s){where}; "
         "env AZURE_TOKEN_CREDENTIALS=AzureCliCredential (or another credential's name) limits it to one method"
@@ -357,21 +366,27 @@ def registered_versions(client, name: str) -> dict[str, Any]:
         return {}
 
 
-def register(client, model, ws: dict[str, str], timeout_s: float) -> dict[str, Any]:
+def where(ws: dict[str, str]) -> str:
+    return f"workspace {ws['workspace']} (resource group {ws['resource_group']}, subscription {ws['subscription_id']})"
+
+
+def look_up(client, ws: dict[str, str], name: str, deadline: float, timeout_s: float) -> dict[str, Any]:
+    """Check the workspace exists and list the versions of `name`, within the stage's deadline."""
+
+    def calls() -> dict[str, Any]:
+        client.workspaces.get(ws["workspace"])  # its own clear 404 before the model calls
+        return registered_versions(client, name)
+
+    with azure_errors(f"Azure ML {where(ws)}"):
+        msg = f"Azure ML {where(ws)}: no answer within {timeout_s:g} s (upload.timeout_s)"
+        return call_within(calls, deadline - time.monotonic(), msg)
+
+
+def register(client, model, ws: dict[str, str], versions: dict[str, Any]) -> dict[str, Any]:
     """Register unless this content is already there (then `model.version` becomes that version).
 
-    Returns the receipt's Azure part. The workspace check and the listing are bound by timeout_s together.
+    Returns the receipt's Azure part.
     """
-    where = f"workspace {ws['workspace']} (resource group {ws['resource_group']}, subscription {ws['subscription_id']})"
-
-    def look_up() -> dict[str, Any]:
-        client.workspaces.get(ws["workspace"])  # its own clear 404 before the model calls
-        return registered_versions(client, model.name)
-
-    with azure_errors(f"Azure ML {where}"):
-        versions = call_within(
-            look_up, timeout_s, f"Azure ML {where}: no answer within {timeout_s:.0f} s (upload.timeout_s)"
-        )
     sha = model.tags["content_sha256"]
     same = [m for m in versions.values() if (m.tags or {}).get("content_sha256") == sha]
     if same:
@@ -384,7 +399,7 @@ def register(client, model, ws: dict[str, str], timeout_s: float) -> dict[str, A
             f"Azure ML model {model.name} version {model.version} already exists with other content: set "
             "upload.version to an unused version, or to null to derive it from the content"
         )
-    log.info("registering %s as %s:%s in %s", model.path, model.name, model.version, where)
+    log.info("registering %s as %s:%s in %s", model.path, model.name, model.version, where(ws))
     with azure_errors(f"registering {model.name}:{model.version}"):
         created = client.models.create_or_update(model)
     log.info("registered %s", created.id)
@@ -396,17 +411,25 @@ def register(client, model, ws: dict[str, str], timeout_s: float) -> dict[str, A
 
 @main
 def run(argv: list[str]) -> None:
-    started = time.monotonic()  # the sign-in deadline counts from here: slow imports are part of the bound
+    # Everything before the upload itself (imports, sign-in, reaching the workspace) must end by this deadline, and
+    # the process exit with it: so the start and teardown of the interpreter are reserved out of timeout_s.
+    started = time.monotonic() - INTERPRETER_START_S
     for noisy in ("azure.identity", "azure.ai.ml._utils._experimental"):  # we report their failures in one line
         logging.getLogger(noisy).setLevel(logging.ERROR)
     params = load_params()
     timeout_s = require(params, "upload.timeout_s")
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or not 0 < timeout_s <= 600:
-        raise StageError(f"{PARAMS_FILE}: upload.timeout_s must be a number of seconds in (0, 600], not {timeout_s!r}")
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or not 3 <= timeout_s <= 600:
+        raise StageError(
+            f"{PARAMS_FILE}: upload.timeout_s must be a number of seconds from 3 to 600, not {timeout_s!r}"
+        )
+    deadline = started + timeout_s - EXIT_S
     ws = workspace_config(params)
     inputs = check_inputs(params)
-    client = None if ws is None else open_workspace(ws, timeout_s, started + timeout_s)
-    model = build_model(inputs)
+    client, versions = None, {}
+    if ws is not None:
+        client = open_workspace(ws, timeout_s, deadline)
+        versions = look_up(client, ws, inputs["name"], deadline, timeout_s)
+    model = build_model(inputs)  # hashing can take seconds on a big model: after the bounded part
     receipt: dict[str, Any] = {"name": model.name, "version": model.version, "uploaded": False, "registered": False}
     if client is None:
         receipt["reason"] = (
@@ -416,7 +439,7 @@ def run(argv: list[str]) -> None:
         receipt["register_later"] = f"az ml model create --file {OUT / 'model.yml'} -g <resource group> -w <workspace>"
         log.warning("no Azure ML workspace configured: not uploading (see %s)", OUT / "receipt.json")
     else:
-        receipt.update(workspace=ws, **register(client, model, ws, timeout_s))
+        receipt.update(workspace=ws, **register(client, model, ws, versions))
         receipt["version"] = model.version
     receipt.update(version_from="params" if inputs["version"] else "content", tags=model.tags,
                    model_dir=str(MODEL_DIR), model_yml=str(OUT / "model.yml"))  # fmt: skip

@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from unittest.mock import create_autospec
@@ -405,6 +406,29 @@ def test_managed_identity_is_tried_only_where_its_endpoint_answers(stage_dir, si
     assert upload.managed_identity_reachable() is True
 
 
+def test_silent_workspace_fails_clearly_within_the_bound(configured, stage_dir, capsys):
+    """Signed in, but Azure ML never answers: the workspace look-up shares the stage's deadline."""
+    release = threading.Event()
+    configured.workspaces.get.side_effect = lambda name: release.wait(60)
+    write_params(stage_dir, timeout_s=3)
+    start = time.monotonic()
+    try:
+        code, err = run_stage(capsys)
+    finally:
+        release.set()
+    assert code == 1 and err.count("\n") == 1
+    assert "workspace ws-test" in err and "no answer within 3 s" in err
+    assert time.monotonic() - start < 10
+    configured.models.create_or_update.assert_not_called()
+
+
+@pytest.mark.parametrize("timeout_s", [0, 2, 601, "ten", True, None])
+def test_invalid_timeout_fails_in_one_line(stage_dir, capsys, timeout_s):
+    write_params(stage_dir, timeout_s=timeout_s)
+    code, err = run_stage(capsys)
+    assert code == 1 and "upload.timeout_s" in err and err.count("\n") == 1
+
+
 # ---------------------------------------------------------------- sign-in failures, bounded in time (subprocess)
 
 
@@ -437,19 +461,23 @@ def test_missing_credentials_fail_clearly_and_fast(stage_dir):
     assert not (stage_dir / "models" / "upload").exists()
 
 
-@pytest.mark.parametrize("endpoint", ["managed_identity", "authority_host"])
-def test_silent_sign_in_endpoint_fails_clearly_within_the_bound(stage_dir, silent_port, endpoint):
-    write_params(stage_dir, timeout_s=4)
-    env = {"AZURE_POD_IDENTITY_AUTHORITY_HOST": f"http://127.0.0.1:{closed_port()}"}
-    if endpoint == "managed_identity":  # App Service style managed identity on a hung local endpoint
-        env |= {"IDENTITY_ENDPOINT": f"http://127.0.0.1:{silent_port}/msi/token", "IDENTITY_HEADER": "x"}
-    else:  # a service principal whose authority host never answers the TLS handshake
-        env |= {"AZURE_TENANT_ID": "00000000-0000-0000-0000-000000000001", "AZURE_CLIENT_ID": "app",
-                "AZURE_CLIENT_SECRET": "secret", "AZURE_AUTHORITY_HOST": f"https://127.0.0.1:{silent_port}"}  # fmt: skip
+@pytest.mark.parametrize("flavour", ["app_service", "cloud_shell", "imds"])
+def test_silent_sign_in_endpoint_fails_clearly_within_the_bound(stage_dir, silent_port, flavour):
+    """Managed identity endpoints that accept and never answer. (Not AZURE_AUTHORITY_HOST: MSAL then falls back to
+    instance discovery at login.microsoftonline.com, real traffic that only the guard would stop.)"""
+    write_params(stage_dir, timeout_s=6)
+    silent = f"http://127.0.0.1:{silent_port}"
+    env = {
+        "app_service": {"IDENTITY_ENDPOINT": f"{silent}/msi/token", "IDENTITY_HEADER": "x",
+                        "AZURE_POD_IDENTITY_AUTHORITY_HOST": f"http://127.0.0.1:{closed_port()}"},
+        "cloud_shell": {"MSI_ENDPOINT": f"{silent}/oauth2/token",
+                        "AZURE_POD_IDENTITY_AUTHORITY_HOST": f"http://127.0.0.1:{closed_port()}"},
+        "imds": {"AZURE_POD_IDENTITY_AUTHORITY_HOST": silent},  # an Azure VM whose metadata service hangs
+    }[flavour]  # fmt: skip
     code, err, elapsed = stage_subprocess(stage_dir, env)
     assert code == 1, err
     assert one_error_line(err), err
-    assert "got no answer within 4 s" in err and f"127.0.0.1:{silent_port}" in err
+    assert "got no answer within 6 s" in err and f"127.0.0.1:{silent_port}" in err
     assert elapsed < 10, f"took {elapsed:.1f} s"
 
 
