@@ -245,12 +245,12 @@ def call_within(fn: Callable[[], Any], seconds: float, on_timeout: str) -> Any:
 
 
 def sign_in_timeout(seconds: float) -> str:
-    where = next(
-        (f" (sign-in endpoint from env {e}: {os.environ[e]})" for e in SIGN_IN_ENDPOINT_ENV if os.environ.get(e)), ""
+    endpoint = next(
+        (f"; endpoint from env {e}: {os.environ[e]}" for e in SIGN_IN_ENDPOINT_ENV if os.environ.get(e)), ""
     )
     return (
-        f"Azure sign-in got no answer within {seconds:g} s (upload.timeout_s){where}; "
-        "env AZURE_TOKEN_CREDENTIALS=AzureCliCredential (or another credential's name) limits it to one method"
+        f"Azure sign-in got no answer within {seconds:g} s (upload.timeout_s){endpoint}; env "
+        "AZURE_TOKEN_CREDENTIALS=AzureCliCredential (or another credential's name) limits sign-in to one method"
     )
 
 
