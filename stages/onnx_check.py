@@ -88,6 +88,7 @@ class OnnxLM:
         config = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3  # LoRA defaults are overridable initializers by design; ORT warns about each
         self.session = ort.InferenceSession(str(model_dir / config["filename"]), opts, providers=["CPUExecutionProvider"])
         self.names = config["inputs"]
         self.layers, self.kv_heads, self.head = (
@@ -123,16 +124,20 @@ def _nll(logits: np.ndarray, labels: list[int]) -> tuple[np.ndarray, np.ndarray]
 
 
 def agreement(onnx_lm: OnnxLM, torch_model, tokenizer, rows: list[dict], max_len: int, adapter=None) -> dict:
-    """ONNX vs torch on `rows`: share of scored positions with the same argmax, and both mean losses."""
+    """ONNX vs torch on `rows`: share of scored positions with the same argmax, both mean losses, and the worst
+    row's logit difference (RMS and max) relative to the spread of torch's logits."""
     import torch
 
     same = total = 0
-    nll_onnx = nll_torch = 0.0
+    nll_onnx = nll_torch = rms_rel = max_rel = 0.0
     for row in rows:
         ids, labels = encode_example(tokenizer, row["prompt"], row["response"], max_len)
         with torch.inference_mode():
             ref = torch_model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
         got = onnx_lm.logits(ids, adapter)
+        diff, spread = got - ref, float(ref.std())
+        rms_rel = max(rms_rel, float(np.sqrt((diff**2).mean())) / spread)
+        max_rel = max(max_rel, float(np.abs(diff).max()) / spread)
         loss_o, arg_o = _nll(got, labels)
         loss_t, arg_t = _nll(ref, labels)
         same += int((arg_o == arg_t).sum())
@@ -148,4 +153,6 @@ def agreement(onnx_lm: OnnxLM, torch_model, tokenizer, rows: list[dict], max_len
         "loss_torch": round(loss_torch, 4),
         "loss_ratio": round(loss_onnx / loss_torch, 4),
         "tokens": total,
+        "logit_rms_rel": round(rms_rel, 5),
+        "logit_max_rel": round(max_rel, 5),
     }

@@ -1,0 +1,157 @@
+"""Decode speed of multi-LoRA ONNX vs the plain int4 model, and adapter load time (ORT GenAI, CPU).
+
+    .venv/bin/python bench/decode_lora.py [--hf-dir models/quantized] [--tokens 64] [--rounds 5]
+
+Builds, in a scratch folder, the plain int4 model (no LoRA inputs) and the multi-LoRA model from the same HF folder,
+then decodes the same prompt greedily, round-robin so machine noise hits every variant alike:
+  plain        int4 model built without adapters
+  lora_none    multi-LoRA model, no adapter active (rank-0 defaults)
+  lora_<task>  multi-LoRA model with that adapter active; the tasks alternate A/B/A/B within each round
+Prints min/median tok/s and median ratios to `plain`; writes bench/results/<date>-lora-cpu.json.
+Adapters: models/adapters/<task> when present, else random r=16 ones made on the HF folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PROMPT = "Plan a three-day trip to Lisbon for a family with two kids, with a day-by-day list of places to visit."
+
+
+def decode_tok_s(model, tokenizer, adapters, name: str | None, tokens: int) -> float:
+    import onnxruntime_genai as og
+
+    ids = tokenizer.encode(f"<|im_start|>user\n{PROMPT}<|im_end|>\n<|im_start|>assistant\n")
+    params = og.GeneratorParams(model)
+    # min_length = max_length: never stop at an end token, so every run decodes the same count
+    params.set_search_options(do_sample=False, max_length=len(ids) + tokens, min_length=len(ids) + tokens)
+    gen = og.Generator(model, params)
+    if name:
+        gen.set_active_adapter(adapters, name)
+    gen.append_tokens(ids)  # prefill, not timed
+    gen.generate_next_token()
+    start = time.perf_counter()
+    for _ in range(tokens - 1):
+        gen.generate_next_token()
+    return (tokens - 1) / (time.perf_counter() - start)
+
+
+def set_threads(model_dir: Path, threads: int) -> None:
+    config_file = model_dir / "genai_config.json"
+    config = json.loads(config_file.read_text())
+    options = config["model"]["decoder"]["session_options"]
+    options.pop("intra_op_num_threads", None)
+    if threads:
+        options["intra_op_num_threads"] = threads
+    config_file.write_text(json.dumps(config, indent=4))
+
+
+def adapter_load_ms(model, path: Path, repeats: int) -> list[float]:
+    import onnxruntime_genai as og
+
+    times = []
+    for i in range(repeats):
+        adapters = og.Adapters(model)
+        start = time.perf_counter()
+        adapters.load(str(path), f"a{i}")
+        times.append((time.perf_counter() - start) * 1e3)
+        del adapters
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hf-dir", type=Path, default=None, help="default: models/quantized, else models/base")
+    parser.add_argument("--tasks", nargs="+", default=["travel", "trip_json"])
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--block-size", type=int, default=None, help="default: model.group_size from params.yaml")
+    parser.add_argument("--lm-head", default=None, help="default: optimize.lm_head from params.yaml")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="ORT intra-op threads (1: steadier ratios on a shared machine; 0: ORT's default)")
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    args = parser.parse_args()
+
+    import onnxruntime_genai as og
+    import yaml
+
+    from stages.optimize import build_onnx
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    hf_dir = args.hf_dir or next(p for p in (ROOT / "models/quantized", ROOT / "models/base") if p.exists())
+    block = args.block_size or params["optimize"]["block_size"]
+    lm_head = args.lm_head or params["optimize"].get("lm_head", "fp32")
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench-lora-"))
+    adapters = {t: ROOT / "models/adapters" / t for t in args.tasks}
+    if not all((p / "adapter_config.json").exists() for p in adapters.values()):
+        sys.path.insert(0, str(ROOT / "tests"))
+        from conftest import make_random_adapter
+
+        print(f"no trained adapters in models/adapters: making random r=16 ones on {hf_dir}")
+        adapters = {t: make_random_adapter(hf_dir, work / "peft" / t, seed, r=16) for seed, t in enumerate(args.tasks)}
+
+    opts = dict(precision="int4", block_size=block, accuracy_level=params["optimize"]["accuracy_level"],
+                execution_provider="cpu", lm_head=lm_head)
+    print(f"building plain and multi-LoRA int4 models from {hf_dir} (block {block}, lm_head {lm_head}) in {work}")
+    plain_info = build_onnx(hf_dir, work / "plain", {}, **opts)
+    lora_info = build_onnx(hf_dir, work / "lora", adapters, **opts)
+
+    for folder in ("plain", "lora"):
+        set_threads(work / folder / "model", args.threads)
+    plain = og.Model(str(work / "plain" / "model"))
+    lora = og.Model(str(work / "lora" / "model"))
+    plain_tok, lora_tok = og.Tokenizer(plain), og.Tokenizer(lora)
+    loaded = og.Adapters(lora)
+    for t in args.tasks:
+        loaded.load(str(work / "lora" / "adapters" / f"{t}.onnx_adapter"), t)
+
+    variants = ["plain", "lora_none"] + [f"lora_{t}" for t in args.tasks]
+    speeds: dict[str, list[float]] = {v: [] for v in variants}
+    decode_tok_s(plain, plain_tok, None, None, 8)  # warm-up: first runs allocate
+    decode_tok_s(lora, lora_tok, loaded, args.tasks[0], 8)
+    for r in range(args.rounds):
+        order = variants if r % 2 == 0 else variants[:2] + variants[2:][::-1]  # A/B/A/B across rounds
+        for v in order:
+            if v == "plain":
+                speeds[v].append(decode_tok_s(plain, plain_tok, None, None, args.tokens))
+            else:
+                name = None if v == "lora_none" else v.removeprefix("lora_")
+                speeds[v].append(decode_tok_s(lora, lora_tok, loaded, name, args.tokens))
+        print(f"round {r + 1}/{args.rounds}: " + "  ".join(f"{v} {speeds[v][-1]:.1f}" for v in variants))
+
+    load_ms = adapter_load_ms(lora, work / "lora" / "adapters" / f"{args.tasks[0]}.onnx_adapter", 10)
+    base = statistics.median(speeds["plain"])
+    result = {
+        "date": dt.date.today().isoformat(),
+        "hf_dir": str(hf_dir),
+        "tokens": args.tokens,
+        "rounds": args.rounds,
+        "threads": args.threads,
+        "block_size": block,
+        "lm_head": lm_head,
+        "plain_model_mb": plain_info["model_mb"],
+        "lora_model_mb": lora_info["model_mb"],
+        "adapter_mb": lora_info["adapter_mb"],
+        "tok_s": {v: {"min": round(min(s), 1), "median": round(statistics.median(s), 1)} for v, s in speeds.items()},
+        "ratio_to_plain": {v: round(statistics.median(s) / base, 3) for v, s in speeds.items()},
+        "adapter_load_ms": {"min": round(min(load_ms), 2), "median": round(statistics.median(load_ms), 2)},
+    }
+    print(json.dumps(result, indent=2))
+    out = ROOT / "bench/results" / f"{result['date']}-lora-cpu.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
