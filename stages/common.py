@@ -105,7 +105,10 @@ def write_json(path: Path | str, obj: Any) -> None:
 
 
 def dir_size_mb(path: Path | str) -> float:
-    total = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    """Size on disk of a file, or of every file under a folder, in MB."""
+    path = Path(path)
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+    total = sum(f.stat().st_size for f in files)
     return round(total / 1e6, 2)
 
 

@@ -20,7 +20,7 @@ ROWS = [
     }
     for i in range(16)
 ]
-QPARAMS = {"n_grid": 10, "bits": 4, "symmetric": False, "calib_samples": 16, "calib_seq_len": 64}
+QPARAMS = {"n_grid": 10, "bits": 4, "symmetric": False, "calib_samples": 12, "calib_seq_len": 64}
 
 
 @pytest.fixture(scope="module")

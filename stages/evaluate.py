@@ -1,0 +1,203 @@
+"""Stage evaluate: quality, speed and size of every variant of the model.
+
+Variants: fp32 base, RTN int4, AWQ int4, AWQ + each adapter (PyTorch); ONNX int4 alone and + each adapter (ORT).
+Per variant: held-out loss and perplexity per task, trip_json JSON-valid rate and field accuracy (where it matters),
+size on disk; for ONNX variants also time to first token, decode tokens/s and peak RSS (measured in a fresh process).
+Outputs: metrics/eval.json, plots/eval/*.csv.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import multiprocessing
+import resource
+import time
+from pathlib import Path
+
+from stages.common import check_device, dir_size_mb, load_params, main, require, write_json
+from stages.data import score_trip_json
+from stages.lm import encode_example, eval_loss, greedy_replies, load_model, load_tokenizer, perplexity, read_jsonl
+
+log = logging.getLogger("stages.evaluate")
+
+SPLITS = Path("data/split")
+ONNX = Path("models/onnx")
+TORCH_MODELS = {"fp32": Path("models/base"), "rtn": Path("models/rtn"), "awq": Path("models/quantized")}
+METRICS = Path("metrics/eval.json")
+PLOTS = Path("plots/eval")
+JSON_TASK = "trip_json"
+SPEED_PROMPT = (
+    "I am planning a two-week trip through Portugal and Spain next spring with my partner. We like food, "
+    "architecture, long walks and a little nightlife, and we would rather take trains than fly. Suggest a route "
+    "that starts in Lisbon and ends in Barcelona, with how many nights to spend in each city and why."
+)
+
+
+def json_scores(replies: list[str], rows: list[dict]) -> dict:
+    scores = [score_trip_json(reply, row["response"]) for reply, row in zip(replies, rows, strict=True)]
+    return {
+        "json_valid": round(sum(v for v, _ in scores) / len(scores), 4),
+        "field_accuracy": round(sum(f for _, f in scores) / len(scores), 4),
+    }
+
+
+def losses(model, tokenizer, rows: dict[str, list[dict]], max_len: int) -> dict:
+    out = {}
+    for task, task_rows in rows.items():
+        loss = eval_loss(model, tokenizer, task_rows, max_len)
+        out[f"{task}_loss"], out[f"{task}_ppl"] = round(loss, 4), perplexity(loss)
+    return out
+
+
+def torch_variants(rows: dict, gen_rows: list[dict], ev: dict, device: str, tasks: list[str]) -> dict:
+    from peft import PeftModel
+
+    results = {}
+    for name, path in TORCH_MODELS.items():
+        tok, model = load_tokenizer(path), load_model(path, device)
+        results[name] = {**losses(model, tok, rows, ev["max_seq_len"]), "size_mb": dir_size_mb(path)}
+        if name != "rtn":  # RTN is the control for perplexity; its generations add minutes and no insight
+            replies = greedy_replies(model, tok, [r["prompt"] for r in gen_rows], ev["max_new_tokens"])
+            results[name].update(json_scores(replies, gen_rows))
+        log.info("%s: %s", name, results[name])
+    base_dir = TORCH_MODELS["awq"]
+    tok = load_tokenizer(base_dir)
+    peft_model = None
+    for task in tasks:
+        folder = Path("models/adapters") / task
+        if peft_model is None:
+            peft_model = PeftModel.from_pretrained(load_model(base_dir, device), str(folder), adapter_name=task)
+        else:
+            peft_model.load_adapter(str(folder), adapter_name=task)
+        peft_model.set_adapter(task)
+        peft_model.eval()
+        name = f"awq+{task}"
+        results[name] = {**losses(peft_model, tok, rows, ev["max_seq_len"]), "size_mb": dir_size_mb(folder)}
+        if task == JSON_TASK:
+            replies = greedy_replies(peft_model, tok, [r["prompt"] for r in gen_rows], ev["max_new_tokens"])
+            results[name].update(json_scores(replies, gen_rows))
+        log.info("%s: %s", name, results[name])
+    return results
+
+
+def onnx_losses(rows: dict, max_len: int, tasks: list[str]) -> dict:
+    """Held-out losses of the ONNX graph itself (onnxruntime on the same model.onnx, all positions' logits)."""
+    from stages.onnx_check import OnnxLM, _nll
+    from stages.onnx_lora import read_adapter
+
+    tok = load_tokenizer(ONNX / "model")
+    lm = OnnxLM(ONNX / "model")
+    results = {}
+    for adapter in [None, *tasks]:
+        weights = read_adapter(ONNX / "adapters" / f"{adapter}.onnx_adapter") if adapter else None
+        out = {}
+        for task, task_rows in rows.items():
+            total, count = 0.0, 0
+            for row in task_rows:
+                ids, labels = encode_example(tok, row["prompt"], row["response"], max_len)
+                nll, _ = _nll(lm.logits(ids, weights), labels)
+                total, count = total + float(nll.sum()), count + len(nll)
+            out[f"{task}_loss"], out[f"{task}_ppl"] = round(total / count, 4), perplexity(total / count)
+        results["onnx" if adapter is None else f"onnx+{adapter}"] = out
+    return results
+
+
+def _ort_generate(model_dir: str, adapter: str | None, prompts: list[str], max_new_tokens: int, queue) -> None:
+    """In a fresh process: greedy replies with ORT GenAI, TTFT and decode speed on SPEED_PROMPT, peak RSS."""
+    import onnxruntime_genai as og
+    from transformers import AutoTokenizer
+
+    from stages.lm import prompt_text
+
+    hf_tok = AutoTokenizer.from_pretrained(f"{model_dir}/model")
+    model = og.Model(f"{model_dir}/model")
+    adapters = og.Adapters(model)
+    if adapter:
+        adapters.load(f"{model_dir}/adapters/{adapter}.onnx_adapter", adapter)
+    stops = {hf_tok.convert_tokens_to_ids("<|im_end|>"), hf_tok.eos_token_id}
+
+    def run(prompt: str, new_tokens: int, stop: bool) -> tuple[list[int], list[float]]:
+        ids = hf_tok(prompt_text(hf_tok, prompt), add_special_tokens=False).input_ids
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + new_tokens, do_sample=False)
+        gen = og.Generator(model, params)
+        if adapter:
+            gen.set_active_adapter(adapters, adapter)
+        start = time.perf_counter()
+        gen.append_tokens(ids)
+        out, stamps = [], []
+        while not gen.is_done():
+            gen.generate_next_token()
+            token = int(gen.get_next_tokens()[0])
+            stamps.append(time.perf_counter() - start)
+            if stop and token in stops:
+                break
+            out.append(token)
+        return out, stamps
+
+    replies = [hf_tok.decode(run(p, max_new_tokens, True)[0], skip_special_tokens=True).strip() for p in prompts]
+    run(SPEED_PROMPT, 8, False)  # warm-up
+    _, stamps = run(SPEED_PROMPT, 128, False)
+    queue.put({
+        "replies": replies,
+        "ttft_ms": round(stamps[0] * 1000, 1),
+        "decode_tok_s": round((len(stamps) - 1) / (stamps[-1] - stamps[0]), 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    })
+
+
+def ort_run(adapter: str | None, prompts: list[str], max_new_tokens: int) -> dict:
+    ctx = multiprocessing.get_context("spawn")  # a fresh process: peak RSS is the ORT model's alone
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_ort_generate, args=(str(ONNX), adapter, prompts, max_new_tokens, queue))
+    proc.start()
+    result = queue.get(timeout=1800)
+    proc.join()
+    return result
+
+
+def write_plots(results: dict, tasks: list[str]) -> None:
+    PLOTS.mkdir(parents=True, exist_ok=True)
+    for task in tasks:
+        with open(PLOTS / f"perplexity_{task}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["variant", "perplexity"])
+            w.writerows((name, m[f"{task}_ppl"]) for name, m in results.items() if f"{task}_ppl" in m)
+    with open(PLOTS / "size_mb.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["variant", "size_mb"])
+        w.writerows((name, m["size_mb"]) for name, m in results.items() if "size_mb" in m)
+
+
+@main
+def run(argv: list[str]) -> None:
+    params = load_params()
+    ev = require(params, "evaluate")
+    tasks = require(params, "tasks")
+    device = check_device(require(params, "device.name"))
+    rows = {task: read_jsonl(SPLITS / task / "eval.jsonl") for task in tasks}
+    gen_rows = rows[JSON_TASK][: ev["max_prompts"]] if JSON_TASK in rows else []
+    start = time.time()
+
+    results = torch_variants(rows, gen_rows, ev, device, tasks)
+    onnx = onnx_losses(rows, ev["max_seq_len"], tasks)
+    model_mb = dir_size_mb(ONNX / "model")
+    for adapter in [None, *tasks]:
+        name = "onnx" if adapter is None else f"onnx+{adapter}"
+        prompts = [r["prompt"] for r in gen_rows] if adapter in (None, JSON_TASK) else []
+        ort = ort_run(adapter, prompts, ev["max_new_tokens"])
+        replies = ort.pop("replies")
+        size = model_mb + (dir_size_mb(ONNX / "adapters" / f"{adapter}.onnx_adapter") if adapter else 0)
+        onnx[name].update(ort, size_mb=round(size, 2))
+        if replies:
+            onnx[name].update(json_scores(replies, gen_rows))
+        log.info("%s: %s", name, onnx[name])
+    results.update(onnx)
+    results["seconds"] = round(time.time() - start, 1)
+    write_json(METRICS, results)
+    write_plots({k: v for k, v in results.items() if isinstance(v, dict)}, tasks)
+
+
+if __name__ == "__main__":
+    run()
