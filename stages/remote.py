@@ -8,7 +8,8 @@
 
 Why the check: on a wrong endpoint DVC's Azure client retries for ~85 s and then prints a multi-line "unexpected
 error"; one request without retries answers the same question in a second or two, in one line. Real transfers then
-run with DVC's own retries.
+run with DVC's own retries. (Remote options cannot do this: dvc-azure 3.1.1 accepts `timeout`, `connection_timeout`
+and `read_timeout` but does not pass them on to its client, and has no retry setting.)
 """
 
 from __future__ import annotations
