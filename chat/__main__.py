@@ -21,6 +21,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--adapter", default=BASE, help=f"adapter for the first reply (default: {BASE})")
     parser.add_argument("--db", help=f"conversation database (default: ${DB_ENV} or {default_db_path()})")
     parser.add_argument("--params", default="params.yaml", help="params file with the chat section")
+    parser.add_argument("--resume", metavar="ID|last", help="reopen a saved conversation (ids: the F3 list)")
     parser.add_argument("--export-dir", default=".", help="where Markdown exports go (default: here)")
     return parser.parse_args(argv)
 
@@ -40,10 +41,18 @@ def build_app(args: argparse.Namespace):
         found = ", ".join(engine.adapter_names)
         raise EngineError(f"adapter '{args.adapter}' not found in {settings.model_dir / 'adapters'} (have: {found})")
     store = Store(Path(args.db) if args.db else default_db_path())
+    resume = None
+    if args.resume == "last":
+        saved = store.conversations()
+        resume = saved[0].id if saved else None
+    elif args.resume is not None:
+        if not args.resume.isdigit():
+            raise EngineError(f"--resume: expected a conversation id or 'last', not '{args.resume}'")
+        resume = store.get(int(args.resume)).id  # StoreError names a missing one
 
     from chat.app import ChatApp  # Textual only once the checks have passed
 
-    return ChatApp(engine, store, settings, adapter=args.adapter, export_dir=args.export_dir)
+    return ChatApp(engine, store, settings, adapter=args.adapter, export_dir=args.export_dir, resume=resume)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -95,6 +95,7 @@ class ChatApp(App):
         settings: ChatSettings,
         adapter: str = BASE,
         export_dir: Path | str = ".",
+        resume: int | None = None,
     ):
         super().__init__()
         self.engine = engine
@@ -110,6 +111,7 @@ class ChatApp(App):
         self.reply: ActiveReply | None = None
         self._reply_ids = 0
         self.last_stats: ReplyStats | None = None
+        self.resume_at_start = resume
 
     # ---------------------------------------------------------------- layout
     def compose(self) -> ComposeResult:
@@ -124,13 +126,15 @@ class ChatApp(App):
         yield StatusBar(id="status")
         yield Footer()
 
-    def on_mount(self) -> None:
+    async def on_mount(self) -> None:
         status = self.query_one(StatusBar)
         status.model, status.device, status.adapter = self.engine.name, self.engine.ep, self.adapter
         status.context_max = self.engine.context_length
         self.query_one("#conversation", VerticalScroll).anchor()
         self.set_interval(1 / FLUSH_HZ, self._flush_reply)
         self.run_worker(self._load_model, thread=True, group="model", exit_on_error=False)
+        if self.resume_at_start is not None:
+            await self.resume(self.resume_at_start)
 
     def _adapter_options(self) -> list[tuple[str, str]]:
         return [(f"{name} ✗" if name in self.broken_adapters else name, name) for name in self.engine.adapter_names]
@@ -193,6 +197,8 @@ class ChatApp(App):
         if select.value != name:
             with self.prevent(Select.Changed):
                 select.value = name
+        if name == self.wanted_adapter and name in (self.adapter, *self.broken_adapters):
+            return
         self.wanted_adapter = name
         if name == BASE:
             self.adapter = BASE
@@ -349,12 +355,12 @@ class ChatApp(App):
         self.history = self.store.messages(conv.id)
         self.settings.system_prompt = conv.system_prompt
         await self._show_conversation()
-        self.notify(f"Resumed “{conv.title}”", markup=False)
 
     def action_conversations(self) -> None:
         async def chosen(conversation_id: int | None) -> None:
             if conversation_id is not None:
                 await self.resume(conversation_id)
+                self.notify(f"Resumed “{self.store.get(conversation_id).title}”", markup=False)
             elif self.conversation_id is not None and not any(
                 c.id == self.conversation_id for c in self.store.conversations()
             ):

@@ -164,6 +164,8 @@ class Engine:
         if path is None:
             raise EngineError(f"adapter '{name}' not found in {self.model_dir / 'adapters'}")
         with self.lock:
+            if name in self._loaded_adapters:  # loaded by another thread while this one waited
+                return
             try:
                 self._adapters.load(str(path), name)
             except Exception as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -46,10 +47,20 @@ async def settle(pilot) -> None:
 
 
 async def send(pilot, text: str) -> AssistantMessage:
-    pilot.app.query_one(PromptInput).insert(text)
+    app = pilot.app
+    started = app._reply_ids
+    app.query_one(PromptInput).insert(text)
     await pilot.press("enter")
+    await until(pilot, lambda: app._reply_ids > started and app.reply is None, "the reply to finish")
     await settle(pilot)
-    return pilot.app.query(AssistantMessage).last()
+    return app.query(AssistantMessage).last()
+
+
+async def until(pilot, condition, what: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await pilot.pause(0.01)
 
 
 def labels(app: ChatApp) -> list[str]:
@@ -105,14 +116,13 @@ async def test_switching_adapter_keeps_history_and_labels_the_reply(make_app):
 
 async def test_escape_stops_mid_stream_and_keeps_the_partial_reply(make_app):
     app = make_app(max_new_tokens=2000)
+    app.settings.sampling.temperature = 0  # greedy: the tiny model runs to max_new_tokens (~2 s), never an early end
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot)
         app.query_one(PromptInput).insert("Tell me everything about Lisbon")
         await pilot.press("enter")
-        for _ in range(2000):  # until the first text is on screen
-            await pilot.pause(0.005)
-            if app.reply is not None and app.reply.widget.text:
-                break
+        await until(pilot, lambda: app._reply_ids == 1, "the reply to start")
+        await until(pilot, lambda: app.reply is None or app.reply.widget.text, "the first text on screen")
         assert app.reply is not None, "the reply ended before Esc could stop it"
         await pilot.press("escape")
         await settle(pilot)
@@ -190,7 +200,10 @@ def test_unknown_adapter_is_one_line_before_any_ui(tiny_onnx, tmp_path):
     cmd = [sys.executable, "-m", "chat", "--model", str(tiny_onnx), "--adapter", "nope", "--db", str(tmp_path / "db")]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 1 and out.stdout == ""
-    assert out.stderr.strip() == f"chat: error: adapter 'nope' not found in {tiny_onnx / 'adapters'} (have: base, travel, trip_json)"
+    assert (
+        out.stderr.strip()
+        == f"chat: error: adapter 'nope' not found in {tiny_onnx / 'adapters'} (have: base, travel, trip_json)"
+    )
 
 
 async def test_enter_sends_and_ctrl_j_adds_a_line(make_app):

@@ -49,8 +49,8 @@ class ConversationsScreen(ModalScreen[int | None]):
         options.add_options(Option(Content(describe(c)), id=str(c.id)) for c in conversations)
         if not conversations:
             options.add_option(Option("No saved conversations yet.", disabled=True))
-        elif highlighted is not None:
-            options.highlighted = min(highlighted, len(conversations) - 1)
+        else:
+            options.highlighted = min(highlighted or 0, len(conversations) - 1)
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
         self.dismiss(int(event.option.id))
