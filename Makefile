@@ -55,5 +55,15 @@ format:  ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+TARGETS ?=
+remote-up:  ## start a local Azurite (Azure Blob emulator) and point the DVC remote at it (.dvc/config.local)
+	$(BIN)/python -m stages.remote up
+remote-down:  ## stop the local Azurite and drop its connection string from .dvc/config.local
+	$(BIN)/python -m stages.remote down
+push:  ## check the DVC remote (one line if misconfigured), then dvc push [TARGETS=...]
+	$(BIN)/python -m stages.remote push $(TARGETS)
+pull:  ## check the DVC remote, then dvc pull [TARGETS=...] (TARGETS=optimize: only models/onnx)
+	$(BIN)/python -m stages.remote pull $(TARGETS)
+
 clean:  ## remove pipeline outputs (DVC's cache keeps them)
 	rm -rf models data/split
