@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -248,23 +248,22 @@ class ChatApp(App):
         self.reply = ActiveReply(self._reply_ids, widget, widget.get_stream(), text)
         self.query_one(StatusBar).state = "generating…"
         self.refresh_bindings()
-        work = partial(
-            self._generate, self.reply.id, self.chat_messages(), self.adapter, self.reply.stop, self.reply.pending
-        )
+        sampling = replace(self.settings.sampling)  # a copy: the worker must not read app state later
+        work = partial(self._generate, self.chat_messages(), self.adapter, sampling, self.reply)
         self.run_worker(work, thread=True, group="reply", exit_on_error=False)
 
-    def _generate(self, reply_id, messages, adapter, stop, pending) -> None:
-        """Worker thread: stream into `pending`; never touches widgets."""
-        stream = self.engine.generate(messages, adapter, self.settings.sampling, stop)
+    def _generate(self, messages, adapter, sampling, reply: ActiveReply) -> None:
+        """Worker thread: stream into reply.pending (a deque) and post one ReplyDone; touches no widget."""
+        stream = self.engine.generate(messages, adapter, sampling, reply.stop)
         try:
             while True:
-                pending.append(next(stream))
+                reply.pending.append(next(stream))
         except StopIteration as done:
-            self.post_message(ReplyDone(reply_id, done.value))
+            self.post_message(ReplyDone(reply.id, done.value))
         except EngineError as exc:
-            self.post_message(ReplyDone(reply_id, None, str(exc)))
+            self.post_message(ReplyDone(reply.id, None, str(exc)))
         except Exception as exc:  # noqa: BLE001
-            self.post_message(ReplyDone(reply_id, None, f"generation failed: {type(exc).__name__}: {one_line(exc)}"))
+            self.post_message(ReplyDone(reply.id, None, f"generation failed: {type(exc).__name__}: {one_line(exc)}"))
 
     async def _flush_reply(self) -> None:
         reply = self.reply
@@ -298,6 +297,11 @@ class ChatApp(App):
         status.context_used = stats.prompt_tokens + stats.new_tokens
         if stats.dropped_messages:
             self.notify(f"The {stats.dropped_messages} oldest messages were left out to fit the context.")
+
+    async def action_quit(self) -> None:
+        if self.reply is not None:
+            self.reply.stop.set()  # a thread worker cannot be cancelled: end the reply so the app can exit
+        self.exit()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "stop":

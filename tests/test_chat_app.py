@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from textual import events
 from textual.widgets import Input, Markdown, Select
 
 from chat.app import ChatApp
@@ -61,6 +62,13 @@ async def until(pilot, condition, what: str, timeout_s: float = 30) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await pilot.pause(0.01)
+
+
+def press_enter_now(app: ChatApp, text: str) -> None:
+    """Type `text` and press Enter without Pilot's wait for an idle CPU (which would outlast a 2000-token reply)."""
+    prompt = app.query_one(PromptInput)
+    prompt.insert(text)
+    prompt.post_message(events.Key("enter", None))
 
 
 def labels(app: ChatApp) -> list[str]:
@@ -119,8 +127,7 @@ async def test_escape_stops_mid_stream_and_keeps_the_partial_reply(make_app):
     app.settings.sampling.temperature = 0  # greedy: the tiny model runs to max_new_tokens (~2 s), never an early end
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot)
-        app.query_one(PromptInput).insert("Tell me everything about Lisbon")
-        await pilot.press("enter")
+        press_enter_now(app, "Tell me everything about Lisbon")
         await until(pilot, lambda: app._reply_ids == 1, "the reply to start")
         await until(pilot, lambda: app.reply is None or app.reply.widget.text, "the first text on screen")
         assert app.reply is not None, "the reply ended before Esc could stop it"
@@ -301,3 +308,17 @@ async def test_help_screen_lists_the_keys(make_app):
         text = app.screen.query_one(Markdown).source
         for key in ("ctrl+t", "escape", "ctrl+j", "f2", "f3", "f4", "f5"):
             assert f"`{key}" in text
+
+
+async def test_quit_during_a_reply_ends_the_generation(make_app):
+    app = make_app(max_new_tokens=2000)
+    app.settings.sampling.temperature = 0  # greedy: runs to max_new_tokens, so it is still going at ctrl+q
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        press_enter_now(app, "Tell me everything about Lisbon")
+        await until(pilot, lambda: app.reply is not None and app.reply.widget.text, "the first text on screen")
+        stop = app.reply.stop
+        await pilot.press("ctrl+q")
+    assert stop.is_set()
+    await app.workers.wait_for_complete()
+    assert not app.engine.lock.locked()
