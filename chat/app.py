@@ -169,6 +169,8 @@ class ChatApp(App):
                 self.post_message(AdapterReady(name))
             except EngineError as exc:
                 self.post_message(AdapterReady(name, str(exc)))
+            except Exception as exc:  # noqa: BLE001 - never leave the selector waiting on a lost worker
+                self.post_message(AdapterReady(name, f"adapter {name}: {type(exc).__name__}: {one_line(exc)}"))
 
         self.run_worker(work, thread=True, group="adapter", exit_on_error=False)
 

@@ -237,9 +237,9 @@ class Engine:
         sampling.check()
         stop = stop or threading.Event()
         with self.lock:
+            started = time.perf_counter()  # TTFT counts templating and tokenizing too: the user waits for them
             ids, dropped = self.fit(messages, room=min(sampling.max_new_tokens, self.context_length // 4))
             stats = ReplyStats(adapter=adapter, prompt_tokens=len(ids), dropped_messages=dropped)
-            started = time.perf_counter()
             try:
                 params = og.GeneratorParams(self.model)
                 greedy = sampling.temperature == 0
@@ -278,7 +278,7 @@ class Engine:
                 raise
             except Exception as exc:
                 raise EngineError(f"generation failed: {one_line(exc)}") from exc
-            if first_at is not None and stats.new_tokens > 1:
+            if first_at is not None and stats.new_tokens > 1:  # decode speed: tokens after the first
                 stats.tokens_per_s = (stats.new_tokens - 1) / max(time.perf_counter() - first_at, 1e-9)
         return stats
 

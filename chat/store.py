@@ -123,7 +123,7 @@ class Store:
     def get(self, conversation_id: int) -> Conversation:
         row = self.db.execute(f"{self._SELECT} WHERE c.id = ? GROUP BY c.id", (conversation_id,)).fetchone()
         if row is None:
-            raise StoreError(f"conversation {conversation_id} not found")
+            raise StoreError(f"{self.path}: conversation {conversation_id} not found")
         return Conversation(*row)
 
     def messages(self, conversation_id: int) -> list[Message]:

@@ -322,3 +322,16 @@ async def test_quit_during_a_reply_ends_the_generation(make_app):
     assert stop.is_set()
     await app.workers.wait_for_complete()
     assert not app.engine.lock.locked()
+
+
+async def test_generation_error_is_a_line_on_the_reply_and_the_chat_goes_on(make_app):
+    app = make_app(max_new_tokens=8)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        reply = await send(pilot, "word " * (app.engine.context_length + 50))  # longer than the whole context
+        note = str(reply.query_one(".note").render())
+        assert note.startswith("⚠ the prompt is") and "context holds 2048" in note
+        assert "context holds" in errors(app)[-1]
+        assert app.store.messages(app.conversation_id)[-1].role == "user"  # no reply saved for the failure
+        reply = await send(pilot, "Something short")  # the oversized turn is left out to fit
+        assert reply.text and app.last_stats.dropped_messages == 1

@@ -73,3 +73,17 @@ def test_default_path_follows_env(monkeypatch, tmp_path):
     assert default_db_path() == tmp_path / "olive-lab" / "chat.sqlite"
     monkeypatch.setenv("OLIVE_CHAT_DB", str(tmp_path / "x.sqlite"))
     assert default_db_path() == tmp_path / "x.sqlite"
+
+
+def test_resume_last_from_the_command_line(tiny_onnx, tmp_path):
+    from chat.__main__ import build_app, parse_args
+
+    db = tmp_path / "chat.sqlite"
+    store = Store(db)
+    store.create("old", "onnx", "")
+    newest = store.create("new", "onnx", "")
+    store.close()
+    app = build_app(parse_args(["--model", str(tiny_onnx), "--db", str(db), "--resume", "last"]))
+    assert app.resume_at_start == newest
+    with pytest.raises(StoreError, match=r"chat\.sqlite: conversation 99 not found"):
+        build_app(parse_args(["--model", str(tiny_onnx), "--db", str(db), "--resume", "99"]))

@@ -17,7 +17,7 @@ from chat.store import Conversation, Store
 
 def describe(conv: Conversation) -> str:
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(conv.updated_at))
-    return f"{conv.title}  ·  {conv.messages} messages  ·  {when}"
+    return f"#{conv.id}  {conv.title}  ·  {conv.messages} messages  ·  {when}"
 
 
 class ConversationsScreen(ModalScreen[int | None]):
