@@ -8,7 +8,7 @@ GPU ?= 0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PYTEST_ARGS ?=
 
-.PHONY: help setup lock params repro chat test test-fast test-slow lint format bench bench-setup clean \
+.PHONY: help setup lock params repro chat test test-fast lint format clean bench-chat bench-lora \
         remote-up remote-down push pull
 
 help:  ## list the targets
@@ -64,6 +64,12 @@ push:  ## check the DVC remote (one line if misconfigured), then dvc push [TARGE
 	$(BIN)/python -m stages.remote push $(TARGETS)
 pull:  ## check the DVC remote, then dvc pull [TARGETS=...] (TARGETS=optimize: only models/onnx)
 	$(BIN)/python -m stages.remote pull $(TARGETS)
+
+bench-chat:  ## chat startup to a usable prompt (goal <= 2 s), tiny model
+	$(BIN)/python bench/chat_startup.py --tiny
+
+bench-lora:  ## decode tok/s: plain int4 vs multi-LoRA model with no / one adapter (needs models/quantized, adapters)
+	$(BIN)/python bench/decode_lora.py
 
 clean:  ## remove pipeline outputs (DVC's cache keeps them)
 	rm -rf models data/split
