@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -69,20 +71,19 @@ def adapter_load_ms(model, path: Path, repeats: int) -> list[float]:
     return times
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hf-dir", type=Path, default=None, help="default: models/quantized, else models/base")
-    parser.add_argument("--tasks", nargs="+", default=["travel", "trip_json"])
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--block-size", type=int, default=None, help="default: model.group_size from params.yaml")
-    parser.add_argument("--lm-head", default=None, help="default: optimize.lm_head from params.yaml")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="ORT intra-op threads (1: steadier ratios on a shared machine; 0: ORT's default)")
-    parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
-    args = parser.parse_args()
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
 
-    import onnxruntime_genai as og
+
+def dir_mb(path: Path) -> float:
+    return round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6, 2)
+
+
+def build_both(args) -> tuple:
+    """The plain and the multi-LoRA int4 model from the same HF folder, with the pipeline's own settings."""
     import yaml
 
     from stages.optimize import build_onnx
@@ -99,12 +100,38 @@ def main() -> None:
 
         print(f"no trained adapters in models/adapters: making random r=16 ones on {hf_dir}")
         adapters = {t: make_random_adapter(hf_dir, work / "peft" / t, seed, r=16) for seed, t in enumerate(args.tasks)}
-
     opts = dict(precision="int4", block_size=block, accuracy_level=params["optimize"]["accuracy_level"],
                 execution_provider="cpu", lm_head=lm_head)
     print(f"building plain and multi-LoRA int4 models from {hf_dir} (block {block}, lm_head {lm_head}) in {work}")
-    plain_info = build_onnx(hf_dir, work / "plain", {}, **opts)
-    lora_info = build_onnx(hf_dir, work / "lora", adapters, **opts)
+    plain = build_onnx(hf_dir, work / "plain", {}, **opts)
+    lora = build_onnx(hf_dir, work / "lora", adapters, **opts)
+    return work, hf_dir, block, lm_head, {"plain": plain["model_mb"], "lora": lora["model_mb"]}, lora["adapter_mb"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hf-dir", type=Path, default=None, help="default: models/quantized, else models/base")
+    parser.add_argument("--tasks", nargs="+", default=["travel", "trip_json"])
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--block-size", type=int, default=None, help="default: model.group_size from params.yaml")
+    parser.add_argument("--lm-head", default=None, help="default: optimize.lm_head from params.yaml")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="ORT intra-op threads (1: steadier ratios on a shared machine; 0: ORT's default)")
+    parser.add_argument("--prebuilt", type=Path, default=None,
+                        help="skip building: use PREBUILT/plain and PREBUILT/lora (each laid out like models/onnx)")
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    parser.add_argument("--out", type=Path, default=None, help="default: bench/results/<date>-lora-cpu.json")
+    args = parser.parse_args()
+
+    import onnxruntime_genai as og
+
+    if args.prebuilt:
+        work, hf_dir, block, lm_head = args.prebuilt, "prebuilt", None, None
+        sizes = {f: dir_mb(work / f / "model") for f in ("plain", "lora")}
+        adapter_mb = {t: round((work / "lora/adapters" / f"{t}.onnx_adapter").stat().st_size / 1e6, 2) for t in args.tasks}
+    else:
+        work, hf_dir, block, lm_head, sizes, adapter_mb = build_both(args)
 
     for folder in ("plain", "lora"):
         set_threads(work / folder / "model", args.threads)
@@ -133,21 +160,22 @@ def main() -> None:
     base = statistics.median(speeds["plain"])
     result = {
         "date": dt.date.today().isoformat(),
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores",
         "hf_dir": str(hf_dir),
         "tokens": args.tokens,
         "rounds": args.rounds,
         "threads": args.threads,
         "block_size": block,
         "lm_head": lm_head,
-        "plain_model_mb": plain_info["model_mb"],
-        "lora_model_mb": lora_info["model_mb"],
-        "adapter_mb": lora_info["adapter_mb"],
+        "plain_model_mb": sizes["plain"],
+        "lora_model_mb": sizes["lora"],
+        "adapter_mb": adapter_mb,
         "tok_s": {v: {"min": round(min(s), 1), "median": round(statistics.median(s), 1)} for v, s in speeds.items()},
         "ratio_to_plain": {v: round(statistics.median(s) / base, 3) for v, s in speeds.items()},
         "adapter_load_ms": {"min": round(min(load_ms), 2), "median": round(statistics.median(load_ms), 2)},
     }
     print(json.dumps(result, indent=2))
-    out = ROOT / "bench/results" / f"{result['date']}-lora-cpu.json"
+    out = args.out or ROOT / "bench/results" / f"{result['date']}-lora-cpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

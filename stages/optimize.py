@@ -53,7 +53,7 @@ def build_onnx(
     block_size: int = 32,
     accuracy_level: int = 4,
     execution_provider: str = "cpu",
-    lm_head: str = "fp32",
+    lm_head: str = "int8",
 ) -> dict:
     """Build `out_dir`/model (ORT GenAI) and `out_dir`/adapters/<name>.onnx_adapter for each PEFT folder.
 
@@ -144,10 +144,10 @@ def run(argv: list[str]) -> None:
         block_size=grid_settings(params, HF_DIR),
         accuracy_level=int(opt["accuracy_level"]),
         execution_provider=require(params, "device.execution_provider"),
-        lm_head=opt.get("lm_head", "fp32"),
+        lm_head=opt.get("lm_head", "int8"),
     )
     log.info("built %s in %.0f s (%.1f MB)", OUT, info["build_seconds"], info["model_mb"])
-    metrics = {**info, "precision": opt["precision"], "lm_head": opt.get("lm_head", "fp32")}
+    metrics = {**info, "precision": opt["precision"], "lm_head": opt.get("lm_head", "int8")}
     if opt["precision"] == "int4":
         metrics["int4_grid_error"] = int4_grid_error(OUT / "model" / "model.onnx", HF_DIR)
         log.info("int4 weights vs %s: %s", HF_DIR, metrics["int4_grid_error"])
