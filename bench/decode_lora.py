@@ -48,6 +48,23 @@ def decode_tok_s(model, tokenizer, adapters, name: str | None, tokens: int) -> f
     return (tokens - 1) / (time.perf_counter() - start)
 
 
+def first_step_ms(model, adapters, name: str | None, repeats: int) -> list[float]:
+    """New generator, adapter activated, one token in: what a switch costs before decoding starts."""
+    import onnxruntime_genai as og
+
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=16)
+        gen = og.Generator(model, params)
+        if name:
+            gen.set_active_adapter(adapters, name)
+        gen.append_tokens([1])
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
 def set_threads(model_dir: Path, threads: int) -> None:
     config_file = model_dir / "genai_config.json"
     config = json.loads(config_file.read_text())
@@ -157,6 +174,10 @@ def main() -> None:
         print(f"round {r + 1}/{args.rounds}: " + "  ".join(f"{v} {speeds[v][-1]:.1f}" for v in variants))
 
     load_ms = adapter_load_ms(lora, work / "lora" / "adapters" / f"{args.tasks[0]}.onnx_adapter", 10)
+    first_none = first_step_ms(lora, loaded, None, 10)
+    first_switch = []
+    for i in range(10):  # alternate, so each activation is a switch
+        first_switch += first_step_ms(lora, loaded, args.tasks[i % len(args.tasks)], 1)
     base = statistics.median(speeds["plain"])
     result = {
         "date": dt.date.today().isoformat(),
@@ -173,6 +194,9 @@ def main() -> None:
         "tok_s": {v: {"min": round(min(s), 1), "median": round(statistics.median(s), 1)} for v, s in speeds.items()},
         "ratio_to_plain": {v: round(statistics.median(s) / base, 3) for v, s in speeds.items()},
         "adapter_load_ms": {"min": round(min(load_ms), 2), "median": round(statistics.median(load_ms), 2)},
+        # a fresh generator plus one token, with no adapter vs with a different adapter each time
+        "first_step_ms": {"none": round(statistics.median(first_none), 2),
+                          "switched_adapter": round(statistics.median(first_switch), 2)},
     }
     print(json.dumps(result, indent=2))
     out = args.out or ROOT / "bench/results" / f"{result['date']}-lora-cpu.json"

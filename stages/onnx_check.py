@@ -42,9 +42,11 @@ def dequantize_matmulnbits(node, initializers: dict[str, np.ndarray]) -> np.ndar
 
 
 def int4_grid_error(onnx_path: Path, hf_dir: Path) -> dict[str, float]:
-    """Largest |ONNX weight - HF weight| over the decoder projections, absolute and relative to the weight scale.
+    """Largest |ONNX weight - HF weight| over the decoder projections (absolute, and relative to the matrix's
+    largest weight), and the share of weights that moved at all.
 
-    Zero (to float rounding) when the export re-quantized weights that were already on its int4 grid.
+    Zero (to float rounding) when the export re-quantized weights that were already on its int4 grid; a group
+    whose values do not span the full min..max grid (e.g. changed after its scale was fixed) comes out different.
     """
     import onnx
     from onnx import numpy_helper
@@ -55,7 +57,7 @@ def int4_grid_error(onnx_path: Path, hf_dir: Path) -> dict[str, float]:
     hf = {}
     for f in sorted(Path(hf_dir).glob("*.safetensors")):
         hf.update(load_file(str(f)))
-    worst_abs, worst_rel, checked = 0.0, 0.0, 0
+    worst_abs, worst_rel, checked, moved, total = 0.0, 0.0, 0, 0, 0
     for node in model.graph.node:
         match = NODE_TO_HF.match(node.name)
         if node.op_type != "MatMulNBits" or not match:
@@ -66,13 +68,15 @@ def int4_grid_error(onnx_path: Path, hf_dir: Path) -> dict[str, float]:
         got = dequantize_matmulnbits(node, inits)
         if got.shape != ref.shape:
             raise StageError(f"{onnx_path}: {node.name} weight shape {got.shape} != Hugging Face {ref.shape}")
-        err = float(np.abs(got - ref).max())
-        worst_abs = max(worst_abs, err)
-        worst_rel = max(worst_rel, err / max(float(np.abs(ref).max()), 1e-12))
+        diff, top = np.abs(got - ref), max(float(np.abs(ref).max()), 1e-12)
+        worst_abs = max(worst_abs, float(diff.max()))
+        worst_rel = max(worst_rel, float(diff.max()) / top)
+        moved += int((diff > 1e-6 * top).sum())
+        total += diff.size
         checked += 1
     if not checked:
         raise StageError(f"{onnx_path}: no int4 decoder projections found")
-    return {"max_abs": worst_abs, "max_rel": worst_rel, "matmuls": checked}
+    return {"max_abs": worst_abs, "max_rel": worst_rel, "moved_share": moved / total, "matmuls": checked}
 
 
 class OnnxLM:

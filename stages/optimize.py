@@ -151,7 +151,7 @@ def run(argv: list[str]) -> None:
     if opt["precision"] == "int4":
         metrics["int4_grid_error"] = int4_grid_error(OUT / "model" / "model.onnx", HF_DIR)
         log.info("int4 weights vs %s: %s", HF_DIR, metrics["int4_grid_error"])
-    metrics["agreement"] = torch_agreement(OUT, HF_DIR, adapters, rows, int(require(params, "finetune.max_seq_len")))
+    metrics["agreement"] = torch_agreement(OUT, HF_DIR, adapters, rows, int(require(params, "evaluate.max_seq_len")))
     write_json(METRICS, metrics)
 
 

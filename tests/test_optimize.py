@@ -274,7 +274,7 @@ def stage_folder(tmp_path: Path, grid_base: Path | None, adapters: dict[str, Pat
     params["model"]["group_size"] = GROUP
     params["optimize"]["block_size"] = GROUP
     params["optimize"]["eval_rows"] = 4
-    params["finetune"]["max_seq_len"] = 128
+    params["evaluate"]["max_seq_len"] = 128
     write_params(tmp_path, params)
     if grid_base is not None:
         shutil.copytree(grid_base, tmp_path / "models" / "quantized")
