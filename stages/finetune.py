@@ -16,8 +16,7 @@ import time
 from pathlib import Path
 
 from stages.common import atomic_dir, check_device, load_params, main, require, task_settings, write_json
-from stages.data import score_trip_json
-from stages.lm import batches, encode_example, eval_loss, greedy_replies, load_model, load_tokenizer, read_jsonl
+from stages.lm import batches, encode_example, eval_loss, load_model, load_tokenizer, read_jsonl
 
 log = logging.getLogger("stages.finetune")
 
@@ -79,13 +78,7 @@ def train(model, tokenizer, rows: list[dict], s: dict) -> list[tuple[int, float]
     return curve
 
 
-def json_valid_rate(model, tokenizer, rows: list[dict], max_new_tokens: int) -> tuple[float, float]:
-    replies = greedy_replies(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens)
-    scores = [score_trip_json(reply, r["response"]) for reply, r in zip(replies, rows, strict=True)]
-    return (round(sum(v for v, _ in scores) / len(scores), 4), round(sum(f for _, f in scores) / len(scores), 4))
-
-
-def finetune(task: str, s: dict, device: str, base: Path, splits: Path, out: Path, eval_prompts: int):
+def finetune(task: str, s: dict, device: str, base: Path, splits: Path, out: Path):
     """Train one adapter into `out`; return its metrics and the (step, loss) curve."""
     import torch
 
@@ -98,9 +91,6 @@ def finetune(task: str, s: dict, device: str, base: Path, splits: Path, out: Pat
     metrics["base_eval_loss"] = round(
         eval_loss(model, tokenizer, eval_rows, s["eval_max_seq_len"], s["eval_batch_size"]), 4
     )
-    gen_rows = eval_rows[:eval_prompts]
-    if task == "trip_json":
-        metrics["base_json_valid"], metrics["base_field_accuracy"] = json_valid_rate(model, tokenizer, gen_rows, 96)
     log.info("%s: quantized base eval loss %.4f; training %d steps", task, metrics["base_eval_loss"], s["max_steps"])
 
     start = time.time()
@@ -111,10 +101,6 @@ def finetune(task: str, s: dict, device: str, base: Path, splits: Path, out: Pat
         eval_loss(model, tokenizer, eval_rows, s["eval_max_seq_len"], s["eval_batch_size"]), 4
     )
     metrics["eval_loss_reduction"] = round(1 - metrics["adapter_eval_loss"] / metrics["base_eval_loss"], 4)
-    if task == "trip_json":
-        metrics["adapter_json_valid"], metrics["adapter_field_accuracy"] = json_valid_rate(
-            model, tokenizer, gen_rows, 96
-        )
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
     log.info(
@@ -137,7 +123,7 @@ def run(argv: list[str]) -> None:
     device = check_device(require(params, "device.name"))
     out = Path("models/adapters") / task
     s["eval_max_seq_len"] = require(params, "evaluate.max_seq_len")
-    metrics, curve = finetune(task, s, device, BASE, SPLITS, out, require(params, "evaluate.max_prompts"))
+    metrics, curve = finetune(task, s, device, BASE, SPLITS, out)
     write_json(Path("metrics/finetune") / f"{task}.json", metrics)
     plot = Path("plots/finetune") / f"{task}.csv"
     plot.parent.mkdir(parents=True, exist_ok=True)

@@ -84,16 +84,21 @@ def batches(examples: list[tuple[list[int], list[int]]], batch_size: int, pad_id
 def token_nll(model, batch: dict, grad: bool = False):
     """Summed next-token negative log-likelihood over labelled tokens, and their count.
 
-    With grad=True the sum stays a tensor to back-propagate through; otherwise it is a float."""
+    The vocabulary projection runs only on the positions that are scored: for a 49k vocabulary that skips the
+    [batch, length, vocab] logits of prompt and padding tokens, the biggest tensor of a CPU training step.
+    With grad=True the sum stays a tensor to back-propagate through; otherwise it is a float.
+    """
     import torch
 
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the HF model
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
-    shift_labels = batch["labels"][:, 1:].reshape(-1)
-    loss = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE, reduction="sum")
-    return (loss if grad else float(loss)), int((shift_labels != IGNORE).sum())
+    hidden = causal.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    logits = causal.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    loss = torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
+    return (loss if grad else float(loss)), int(keep.sum())
 
 
 def eval_loss(model, tokenizer, rows: list[dict], max_len: int, batch_size: int = 16) -> float:
