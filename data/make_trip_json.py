@@ -27,48 +27,122 @@ import json
 import os
 import random
 
-KEYS = ["destination", "start_date", "end_date", "duration_days",
-        "travelers", "budget", "interests"]
+KEYS = ["destination", "start_date", "end_date", "duration_days", "travelers", "budget", "interests"]
 
 # --------------------------------------------------------------------------
 # Destinations with tags that decide which interests are plausible there.
 # --------------------------------------------------------------------------
 DESTINATIONS = [
     # Europe
-    ("Lisbon", "city beach wine"), ("Porto", "city wine"), ("Barcelona", "city beach"),
-    ("Madrid", "city"), ("Seville", "city"), ("Paris", "city wine"), ("Nice", "city beach"),
-    ("Rome", "city"), ("Florence", "city wine"), ("Venice", "city"), ("Sicily", "beach wine nature"),
-    ("Tuscany", "wine nature"), ("Berlin", "city music"), ("Munich", "city"), ("Vienna", "city music"),
-    ("Prague", "city"), ("Budapest", "city"), ("Amsterdam", "city cycling"), ("Copenhagen", "city cycling"),
-    ("Stockholm", "city"), ("Iceland", "nature"), ("Edinburgh", "city"), ("London", "city music"),
-    ("Dublin", "city music"), ("Athens", "city"), ("Santorini", "beach wine"), ("Crete", "beach nature"),
-    ("Dubrovnik", "city beach"), ("Kraków", "city"), ("Istanbul", "city"), ("Switzerland", "ski nature"),
-    ("Zermatt", "ski nature"), ("Chamonix", "ski nature"), ("Norway", "nature"), ("Scotland", "nature"),
-    ("Mallorca", "beach cycling"), ("Madeira", "nature"), ("Tallinn", "city"),
+    ("Lisbon", "city beach wine"),
+    ("Porto", "city wine"),
+    ("Barcelona", "city beach"),
+    ("Madrid", "city"),
+    ("Seville", "city"),
+    ("Paris", "city wine"),
+    ("Nice", "city beach"),
+    ("Rome", "city"),
+    ("Florence", "city wine"),
+    ("Venice", "city"),
+    ("Sicily", "beach wine nature"),
+    ("Tuscany", "wine nature"),
+    ("Berlin", "city music"),
+    ("Munich", "city"),
+    ("Vienna", "city music"),
+    ("Prague", "city"),
+    ("Budapest", "city"),
+    ("Amsterdam", "city cycling"),
+    ("Copenhagen", "city cycling"),
+    ("Stockholm", "city"),
+    ("Iceland", "nature"),
+    ("Edinburgh", "city"),
+    ("London", "city music"),
+    ("Dublin", "city music"),
+    ("Athens", "city"),
+    ("Santorini", "beach wine"),
+    ("Crete", "beach nature"),
+    ("Dubrovnik", "city beach"),
+    ("Kraków", "city"),
+    ("Istanbul", "city"),
+    ("Switzerland", "ski nature"),
+    ("Zermatt", "ski nature"),
+    ("Chamonix", "ski nature"),
+    ("Norway", "nature"),
+    ("Scotland", "nature"),
+    ("Mallorca", "beach cycling"),
+    ("Madeira", "nature"),
+    ("Tallinn", "city"),
     # Asia
-    ("Tokyo", "city"), ("Kyoto", "city"), ("Osaka", "city"), ("Japan", "city nature"),
-    ("Hokkaido", "ski nature"), ("Seoul", "city"), ("Bangkok", "city"), ("Chiang Mai", "nature"),
-    ("Phuket", "beach"), ("Bali", "beach nature"), ("Vietnam", "beach nature"), ("Hanoi", "city"),
-    ("Singapore", "city"), ("Hong Kong", "city"), ("Taipei", "city"), ("Kerala", "beach nature"),
-    ("Rajasthan", "city"), ("Nepal", "nature"), ("Sri Lanka", "beach wildlife"), ("Dubai", "city beach"),
-    ("Jordan", "nature"), ("Beijing", "city"), ("Shanghai", "city"), ("Mongolia", "nature wildlife"),
+    ("Tokyo", "city"),
+    ("Kyoto", "city"),
+    ("Osaka", "city"),
+    ("Japan", "city nature"),
+    ("Hokkaido", "ski nature"),
+    ("Seoul", "city"),
+    ("Bangkok", "city"),
+    ("Chiang Mai", "nature"),
+    ("Phuket", "beach"),
+    ("Bali", "beach nature"),
+    ("Vietnam", "beach nature"),
+    ("Hanoi", "city"),
+    ("Singapore", "city"),
+    ("Hong Kong", "city"),
+    ("Taipei", "city"),
+    ("Kerala", "beach nature"),
+    ("Rajasthan", "city"),
+    ("Nepal", "nature"),
+    ("Sri Lanka", "beach wildlife"),
+    ("Dubai", "city beach"),
+    ("Jordan", "nature"),
+    ("Beijing", "city"),
+    ("Shanghai", "city"),
+    ("Mongolia", "nature wildlife"),
     # Africa
-    ("Marrakech", "city"), ("Morocco", "nature"), ("Cairo", "city"), ("Egypt", "beach"),
-    ("Cape Town", "city beach wine"), ("Kenya", "wildlife"), ("Tanzania", "wildlife"),
-    ("Zanzibar", "beach"), ("Namibia", "wildlife nature"), ("Rwanda", "wildlife nature"),
-    ("Madagascar", "wildlife nature"), ("Mauritius", "beach"),
+    ("Marrakech", "city"),
+    ("Morocco", "nature"),
+    ("Cairo", "city"),
+    ("Egypt", "beach"),
+    ("Cape Town", "city beach wine"),
+    ("Kenya", "wildlife"),
+    ("Tanzania", "wildlife"),
+    ("Zanzibar", "beach"),
+    ("Namibia", "wildlife nature"),
+    ("Rwanda", "wildlife nature"),
+    ("Madagascar", "wildlife nature"),
+    ("Mauritius", "beach"),
     # Americas
-    ("New York", "city music"), ("Chicago", "city music"), ("San Francisco", "city"),
-    ("New Orleans", "city music"), ("Miami", "city beach"), ("Hawaii", "beach nature"),
-    ("Alaska", "wildlife nature"), ("Banff", "ski nature"), ("Vancouver", "city nature"),
-    ("Montreal", "city music"), ("Quebec City", "city"), ("Mexico City", "city"), ("Oaxaca", "city"),
-    ("Tulum", "beach"), ("Costa Rica", "wildlife beach"), ("Cuba", "beach music"),
-    ("Colombia", "city nature"), ("Cartagena", "city beach"), ("Peru", "nature"), ("Cusco", "nature"),
-    ("Buenos Aires", "city music"), ("Patagonia", "nature"), ("Rio de Janeiro", "city beach"),
-    ("Chile", "nature wine"), ("Mendoza", "wine nature"),
+    ("New York", "city music"),
+    ("Chicago", "city music"),
+    ("San Francisco", "city"),
+    ("New Orleans", "city music"),
+    ("Miami", "city beach"),
+    ("Hawaii", "beach nature"),
+    ("Alaska", "wildlife nature"),
+    ("Banff", "ski nature"),
+    ("Vancouver", "city nature"),
+    ("Montreal", "city music"),
+    ("Quebec City", "city"),
+    ("Mexico City", "city"),
+    ("Oaxaca", "city"),
+    ("Tulum", "beach"),
+    ("Costa Rica", "wildlife beach"),
+    ("Cuba", "beach music"),
+    ("Colombia", "city nature"),
+    ("Cartagena", "city beach"),
+    ("Peru", "nature"),
+    ("Cusco", "nature"),
+    ("Buenos Aires", "city music"),
+    ("Patagonia", "nature"),
+    ("Rio de Janeiro", "city beach"),
+    ("Chile", "nature wine"),
+    ("Mendoza", "wine nature"),
     # Oceania and Antarctica
-    ("Sydney", "city beach"), ("Melbourne", "city"), ("New Zealand", "nature"),
-    ("Queenstown", "ski nature"), ("Fiji", "beach"), ("Tasmania", "nature wildlife"),
+    ("Sydney", "city beach"),
+    ("Melbourne", "city"),
+    ("New Zealand", "nature"),
+    ("Queenstown", "ski nature"),
+    ("Fiji", "beach"),
+    ("Tasmania", "nature wildlife"),
     ("Antarctica", "wildlife"),
 ]
 
@@ -83,8 +157,20 @@ TAG_INTERESTS = {
     "music": ["music"],
     "cycling": ["cycling"],
 }
-GENERIC_INTERESTS = ["beaches", "hiking", "food", "museums", "nightlife", "history",
-                     "wine", "shopping", "wildlife", "art", "diving", "culture"]
+GENERIC_INTERESTS = [
+    "beaches",
+    "hiking",
+    "food",
+    "museums",
+    "nightlife",
+    "history",
+    "wine",
+    "shopping",
+    "wildlife",
+    "art",
+    "diving",
+    "culture",
+]
 
 # canonical interest -> ways it can be written in a request
 INTEREST_SURFACE = {
@@ -110,11 +196,36 @@ INTEREST_SURFACE = {
     "cycling": ["cycling"],
 }
 
-MONTHS = ["January", "February", "March", "April", "May", "June", "July",
-          "August", "September", "October", "November", "December"]
-NUM_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven",
-             8: "eight", 9: "nine", 10: "ten", 11: "eleven", 12: "twelve", 14: "fourteen",
-             21: "twenty-one"}
+MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
+NUM_WORDS = {
+    1: "one",
+    2: "two",
+    3: "three",
+    4: "four",
+    5: "five",
+    6: "six",
+    7: "seven",
+    8: "eight",
+    9: "nine",
+    10: "ten",
+    11: "eleven",
+    12: "twelve",
+    14: "fourteen",
+    21: "twenty-one",
+}
 
 CURRENCIES = [  # code, weight, scale, forms ({a} plain int, {c} with commas, {k} thousands)
     ("EUR", 30, "std", ["€{c}", "€{a}", "{c} euros", "{a} euros", "{a} EUR", "EUR {c}", "€{k}k", "{k}k euros"]),
@@ -127,18 +238,29 @@ CURRENCIES = [  # code, weight, scale, forms ({a} plain int, {c} with commas, {k
     ("INR", 5, "inr", ["₹{c}", "{c} Indian rupees", "INR {c}"]),
 ]
 
-SOMEWHERE = ["somewhere warm", "somewhere sunny", "somewhere quiet", "somewhere new",
-             "somewhere affordable", "somewhere by the sea", "somewhere in the mountains"]
-VAGUE_WHEN = ["sometime in the spring", "next summer", "this autumn", "sometime in the winter",
-              "later this year", "in the fall", "during the school holidays"]
+SOMEWHERE = [
+    "somewhere warm",
+    "somewhere sunny",
+    "somewhere quiet",
+    "somewhere new",
+    "somewhere affordable",
+    "somewhere by the sea",
+    "somewhere in the mountains",
+]
+VAGUE_WHEN = [
+    "sometime in the spring",
+    "next summer",
+    "this autumn",
+    "sometime in the winter",
+    "later this year",
+    "in the fall",
+    "during the school holidays",
+]
 
 
 def ordinal(n):
-    if 10 <= n % 100 <= 20:
-        suf = "th"
-    else:
-        suf = {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
-    return f"{n}{suf}"
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def join_list(rng, items):
@@ -251,43 +373,49 @@ def make_when(rng, kind):
             f["duration_days"] = n
             dp = dur_phrase(rng, n)
             r["inline"] = rng.choice([f"for {dp}, {rp}", f"{rp} ({dp})"])
-            r["sentence"] = rng.choice([
-                f"It's {dp}, {rp}.", f"Dates: {bare_range(rng, s, e)}, so {dp}.",
-                f"Travelling {rp}, {dp} in total."])
+            r["sentence"] = rng.choice(
+                [f"It's {dp}, {rp}.", f"Dates: {bare_range(rng, s, e)}, so {dp}.", f"Travelling {rp}, {dp} in total."]
+            )
             r["form"] = f"{bare_range(rng, s, e)} ({dp})"
         else:
             r["inline"] = rp
-            r["sentence"] = rng.choice([
-                f"Dates: {bare_range(rng, s, e)}.", f"The trip is {rp}.",
-                f"Travelling {rp}.", f"Flying out on {single_date(rng, s)} and back on {single_date(rng, e)}.",
-                f"The dates are {rp}."])
+            r["sentence"] = rng.choice(
+                [
+                    f"Dates: {bare_range(rng, s, e)}.",
+                    f"The trip is {rp}.",
+                    f"Travelling {rp}.",
+                    f"Flying out on {single_date(rng, s)} and back on {single_date(rng, e)}.",
+                    f"The dates are {rp}.",
+                ]
+            )
             r["form"] = bare_range(rng, s, e)
     elif kind == "start":
         s = random_start(rng)
         f["start_date"] = s.isoformat()
         sd = single_date(rng, s)
-        r["inline"] = rng.choice([f"leaving on {sd}", f"starting {sd}", f"departing {sd}",
-                                  f"arriving on {sd}"])
-        r["sentence"] = rng.choice([f"Leaving on {sd}.", f"Starting on {sd}.",
-                                    f"Departure date: {sd}.", f"I fly out on {sd}."])
+        r["inline"] = rng.choice([f"leaving on {sd}", f"starting {sd}", f"departing {sd}", f"arriving on {sd}"])
+        r["sentence"] = rng.choice(
+            [f"Leaving on {sd}.", f"Starting on {sd}.", f"Departure date: {sd}.", f"I fly out on {sd}."]
+        )
         r["form"] = rng.choice([f"from {sd}", f"start {sd}", f"departing {sd}"])
     elif kind == "start_dur":
         s = random_start(rng)
         n = rng.choice(DURATIONS)
         f["start_date"], f["duration_days"] = s.isoformat(), n
         sd, dp = single_date(rng, s), dur_phrase(rng, n)
-        r["inline"] = rng.choice([f"for {dp} starting {sd}", f"for {dp} from {sd}",
-                                  f"leaving {sd} for {dp}", f"for {dp}, starting on {sd}"])
-        r["sentence"] = rng.choice([f"Leaving {sd} for {dp}.", f"It'll be {dp}, starting {sd}.",
-                                    f"Starting on {sd}, for {dp}."])
+        r["inline"] = rng.choice(
+            [f"for {dp} starting {sd}", f"for {dp} from {sd}", f"leaving {sd} for {dp}", f"for {dp}, starting on {sd}"]
+        )
+        r["sentence"] = rng.choice(
+            [f"Leaving {sd} for {dp}.", f"It'll be {dp}, starting {sd}.", f"Starting on {sd}, for {dp}."]
+        )
         r["form"] = rng.choice([f"{dp} from {sd}", f"start {sd}, {dp}"])
     elif kind == "dur":
         n = rng.choice(DURATIONS)
         f["duration_days"] = n
         dp = dur_phrase(rng, n)
         r["inline"] = f"for {dp}"
-        r["sentence"] = rng.choice([f"Length: {dp}.", f"It'll be {dp}.", f"Trip length: {dp}.",
-                                    f"I've got {dp} off."])
+        r["sentence"] = rng.choice([f"Length: {dp}.", f"It'll be {dp}.", f"Trip length: {dp}.", f"I've got {dp} off."])
         r["form"] = dp
         r["bare"] = dp
         r["adj"] = dur_adj(rng, n)
@@ -305,8 +433,16 @@ def make_when(rng, kind):
     return f, r
 
 
-WHEN_KINDS = ["range"] * 30 + ["dur"] * 25 + ["start_dur"] * 12 + ["range_dur"] * 8 + \
-             ["start"] * 8 + ["vague"] * 10 + ["longweekend"] * 7
+WHEN_KINDS = (
+    ["range"] * 30
+    + ["dur"] * 25
+    + ["start_dur"] * 12
+    + ["range_dur"] * 8
+    + ["start"] * 8
+    + ["vague"] * 10
+    + ["longweekend"] * 7
+)
+
 
 # --------------------------------------------------------------------------
 # Travelers
@@ -317,51 +453,76 @@ def make_travelers(rng, n):
     num = rng.choice([str(n), w])
     if n == 1:
         inline = ["solo", "alone", "on my own", "by myself"]
-        sentence = ["It's just me.", "I'm travelling solo.", "Just me travelling.",
-                    "I'll be going alone.", "Solo trip."]
+        sentence = [
+            "It's just me.",
+            "I'm travelling solo.",
+            "Just me travelling.",
+            "I'll be going alone.",
+            "Solo trip.",
+        ]
         subj = [("Travelling solo, I", "am"), ("Just me this time: I", "am")]
         form = ["1", "just me", "1 (solo)"]
     elif n == 2:
-        rel = rng.choice(["wife", "husband", "partner", "girlfriend", "boyfriend",
-                          "best friend", "mom", "dad", "sister", "brother"])
-        inline = [f"with my {rel}", f"for me and my {rel}", f"for {num} people",
-                  f"for {num} adults", "for the two of us"]
-        sentence = [f"It's me and my {rel}.", f"My {rel} and I are going.", "There are two of us.",
-                    f"We are {num} adults.", f"I'm going with my {rel}."]
+        rel = rng.choice(
+            ["wife", "husband", "partner", "girlfriend", "boyfriend", "best friend", "mom", "dad", "sister", "brother"]
+        )
+        inline = [
+            f"with my {rel}",
+            f"for me and my {rel}",
+            f"for {num} people",
+            f"for {num} adults",
+            "for the two of us",
+        ]
+        sentence = [
+            f"It's me and my {rel}.",
+            f"My {rel} and I are going.",
+            "There are two of us.",
+            f"We are {num} adults.",
+            f"I'm going with my {rel}.",
+        ]
         subj = [(f"My {rel} and I", "are"), ("The two of us", "are")]
         form = ["2", "2 adults", f"me + my {rel}"]
     else:
         fr = n - 1
         frw = rng.choice([str(fr), NUM_WORDS.get(fr, str(fr))])
-        inline = [f"with {frw} friends", f"for {num} people", f"for a group of {num}",
-                  f"for {num} adults"]
-        sentence = [f"There are {num} of us.", f"We're a group of {num}.",
-                    f"I'm going with {frw} friends.", f"Party of {n}."]
+        inline = [f"with {frw} friends", f"for {num} people", f"for a group of {num}", f"for {num} adults"]
+        sentence = [
+            f"There are {num} of us.",
+            f"We're a group of {num}.",
+            f"I'm going with {frw} friends.",
+            f"Party of {n}.",
+        ]
         subj = [(f"{cap(frw)} friends and I", "are"), (f"The {NUM_WORDS.get(n, str(n))} of us", "are")]
         form = [str(n), f"{n} people", f"{n} adults"]
         if n == 3:
-            inline += ["with my parents", "with my wife and our son",
-                       "with my husband and our daughter"]
+            inline += ["with my parents", "with my wife and our son", "with my husband and our daughter"]
             subj += [("My parents and I", "are")]
         if n == 4:
-            inline += [f"for a family of {num}", "with my wife and our two kids",
-                       "for 2 adults and 2 kids", "for two couples"]
+            inline += [
+                f"for a family of {num}",
+                "with my wife and our two kids",
+                "for 2 adults and 2 kids",
+                "for two couples",
+            ]
             sentence += [f"We're a family of {num}.", "It's two couples."]
             subj += [("My husband, our two kids and I", "are")]
             form += ["2 adults + 2 kids"]
         if n == 5:
-            inline += [f"for a family of {num}", "with my husband and our three kids",
-                       "for 2 adults and 3 children"]
+            inline += [f"for a family of {num}", "with my husband and our three kids", "for 2 adults and 3 children"]
             sentence += [f"We're a family of {num}."]
             form += ["2 adults, 3 children"]
         if n == 6:
             inline += ["for three couples", f"for a family of {num}"]
-    return {"inline": rng.choice(inline), "sentence": rng.choice(sentence),
-            "subj": rng.choice(subj), "form": rng.choice(form)}
+    return {
+        "inline": rng.choice(inline),
+        "sentence": rng.choice(sentence),
+        "subj": rng.choice(subj),
+        "form": rng.choice(form),
+    }
 
 
-TRAVELER_COUNTS = [1] * 18 + [2] * 30 + [3] * 12 + [4] * 18 + [5] * 8 + [6] * 5 + \
-                  [7, 8, 8, 9, 10, 12]
+TRAVELER_COUNTS = [1] * 18 + [2] * 30 + [3] * 12 + [4] * 18 + [5] * 8 + [6] * 5 + [7, 8, 8, 9, 10, 12]
+
 
 # --------------------------------------------------------------------------
 # Budget
@@ -373,8 +534,7 @@ def make_budget(rng):
     elif scale == "inr":
         amount = rng.randint(2, 60) * 10000
     else:
-        amount = rng.choice([rng.randint(3, 40) * 100, rng.randint(3, 30) * 500,
-                             rng.randint(1, 15) * 1000])
+        amount = rng.choice([rng.randint(3, 40) * 100, rng.randint(3, 30) * 500, rng.randint(1, 15) * 1000])
     usable = [f for f in forms if "{k}" not in f or (amount % 500 == 0 and amount >= 1000)]
     form = rng.choice(usable)
     k = amount / 1000
@@ -392,11 +552,18 @@ def article(word):
 
 
 def budget_sentence(rng, money, P):
-    return rng.choice([
-        f"Budget is {money}.", f"{cap(P['our'])} budget is around {money}.", f"Budget: {money} total.",
-        f"{cap(P['we'])} can spend up to {money}.", f"Max {money}.", f"Total budget {money}.",
-        f"I'd like to keep it under {money}.", f"{money} for the whole trip.",
-    ])
+    return rng.choice(
+        [
+            f"Budget is {money}.",
+            f"{cap(P['our'])} budget is around {money}.",
+            f"Budget: {money} total.",
+            f"{cap(P['we'])} can spend up to {money}.",
+            f"Max {money}.",
+            f"Total budget {money}.",
+            f"I'd like to keep it under {money}.",
+            f"{money} for the whole trip.",
+        ]
+    )
 
 
 # --------------------------------------------------------------------------
@@ -421,11 +588,16 @@ def make_interests(rng, tags):
 
 
 def interests_sentence(rng, text, P):
-    return rng.choice([
-        f"{cap(P['we'])} love {text}.", f"Interests: {text}.", f"{cap(P['we_are'])} really into {text}.",
-        f"Big fan of {text}." if P["we"] == "I" else f"Big fans of {text}.",
-        f"Mostly interested in {text}.", f"{cap(P['we'])}'d like to focus on {text}.",
-    ])
+    return rng.choice(
+        [
+            f"{cap(P['we'])} love {text}.",
+            f"Interests: {text}.",
+            f"{cap(P['we_are'])} really into {text}.",
+            f"Big fan of {text}." if P["we"] == "I" else f"Big fans of {text}.",
+            f"Mostly interested in {text}.",
+            f"{cap(P['we'])}'d like to focus on {text}.",
+        ]
+    )
 
 
 # --------------------------------------------------------------------------
@@ -447,10 +619,8 @@ T = [
     ("{We} want to visit {D} {W}, budget {B}.{Ts}{Is}", ALL_KINDS, None),
     ("Trip to {D} {T}, {W}. Budget: {B}.{Is}", ALL_KINDS, None),
     ("Looking for ideas for {D}{W?}. {We} love {I}.{Ts}{Bs}", ALL_KINDS, None),
-    ("hey! thinking about {D}{W?}{T?}. {we_are} into {I}, and {we} have about {Bm} to spend",
-     ALL_KINDS, None),
-    ("Dear assistant, I would like to arrange a holiday in {D} {W} {T}. My budget is {B}.{Is}",
-     ALL_KINDS, None),
+    ("hey! thinking about {D}{W?}{T?}. {we_are} into {I}, and {we} have about {Bm} to spend", ALL_KINDS, None),
+    ("Dear assistant, I would like to arrange a holiday in {D} {W} {T}. My budget is {B}.{Is}", ALL_KINDS, None),
     ("{Is!}{Ts} Where should {we} go {W}?", ALL_KINDS, None),
     ("Suggest an itinerary for {D}{W?}.{Ts}{Bs}{Is}", ALL_KINDS, None),
     ("Need a plan: {D}, {W}, {T}, {B}.", ALL_KINDS, None),
@@ -458,8 +628,12 @@ T = [
     ("{Tsubj} {be} planning a trip to {D}{W?}.{Bs}{Is}", ALL_KINDS, None),
     ("{Tsubj} {be} heading to {D} {W} with a budget of {B}.{Is}", ALL_KINDS, None),
     ("What's a good itinerary for {D}{W?}?{Is}{Ts}{Bs}", ALL_KINDS, None),
-    ("Please prepare a detailed itinerary for {D}. Travel dates: {Wform}. Number of travellers: {Tform}. "
-     "Budget: {B}.{Is}", ("range", "range_dur"), None),
+    (
+        "Please prepare a detailed itinerary for {D}. Travel dates: {Wform}. Number of travellers: {Tform}. "
+        "Budget: {B}.{Is}",
+        ("range", "range_dur"),
+        None,
+    ),
     ("I have {Bm} and {Wbare}. Where should I go? I love {I}.", ("dur",), None),
     ("Budget {B}, {T}, {D}, {W}. Ideas?", ALL_KINDS, None),
     ("Is {B} enough for {D} {W} {T}?{Is}", ALL_KINDS, None),
@@ -478,8 +652,7 @@ T = [
     ("Where should {we} stay in {D}?{Ws!}{Ts}{Bs}", ALL_KINDS, None),
     ("Quick question: {D} {W}{T?}, {B} total — doable?{Is}", ALL_KINDS, None),
     ("I'm after a relaxed trip {X}{W?}.{Ts}{Bs}{Is!}", ALL_KINDS, None),
-    ("We are {Tcount} people travelling to {D} {W}. Could you recommend what to see?{Bs}{Is}",
-     ALL_KINDS, "multi"),
+    ("We are {Tcount} people travelling to {D} {W}. Could you recommend what to see?{Bs}{Is}", ALL_KINDS, "multi"),
     ("FORM", ALL_KINDS, None),
 ]
 
@@ -503,10 +676,15 @@ def render_form(rng, obj, parts):
     present = parts["present"]
     for key in ["D", "W", "T", "B", "I"]:
         if key in present:
-            val = {"D": parts.get("D"), "W": parts.get("Wform"), "T": parts.get("Tform"),
-                   "B": parts.get("Bm"), "I": parts.get("Ilist")}[key]
+            val = {
+                "D": parts.get("D"),
+                "W": parts.get("Wform"),
+                "T": parts.get("Tform"),
+                "B": parts.get("Bm"),
+                "I": parts.get("Ilist"),
+            }[key]
             lines.append(f"{rng.choice(FORM_LABELS[key])}: {val}")
-    return "\n".join(l for l in lines if l)
+    return "\n".join(line for line in lines if line)
 
 
 def generate_one(rng):
@@ -534,9 +712,18 @@ def generate_one(rng):
             if key in want:
                 present.add(key)
             continue
-        req = has(key + "}") or has(key + "s!}") or has(key + "bare}") or has(key + "adj") or \
-            has(key + "subj}") or has(key + "list}") or has(key + "form}") or has(key + "count}") or \
-            has(key + "m}") or has("a" + key + "adj}")
+        req = (
+            has(key + "}")
+            or has(key + "s!}")
+            or has(key + "bare}")
+            or has(key + "adj")
+            or has(key + "subj}")
+            or has(key + "list}")
+            or has(key + "form}")
+            or has(key + "count}")
+            or has(key + "m}")
+            or has("a" + key + "adj}")
+        )
         opt_inline = has(key + "?}")
         opt_sent = has(key + "s}")
         if req:
@@ -569,9 +756,16 @@ def generate_one(rng):
     if n is not None:
         obj["travelers"] = n
         tr = make_travelers(rng, n)
-        parts.update({"T": tr["inline"], "Ts": tr["sentence"], "Tform": tr["form"],
-                      "Tsubj": tr["subj"][0], "be": tr["subj"][1],
-                      "Tcount": rng.choice([str(n), NUM_WORDS.get(n, str(n))])})
+        parts.update(
+            {
+                "T": tr["inline"],
+                "Ts": tr["sentence"],
+                "Tform": tr["form"],
+                "Tsubj": tr["subj"][0],
+                "be": tr["subj"][1],
+                "Tcount": rng.choice([str(n), NUM_WORDS.get(n, str(n))]),
+            }
+        )
     P = pronouns(n if n is not None else rng.choice([1, 2]))
     parts.update(P)
 
@@ -584,8 +778,7 @@ def generate_one(rng):
         obj.update(f)
         parts.update({"W": r["inline"], "Ws": r["sentence"], "Wform": r["form"]})
         if "bare" in r:
-            parts.update({"Wbare": r["bare"], "Wadj": r["adj"], "Wadj_cap": cap(r["adj"]),
-                          "aWadj": article(r["adj"])})
+            parts.update({"Wbare": r["bare"], "Wadj": r["adj"], "Wadj_cap": cap(r["adj"]), "aWadj": article(r["adj"])})
     # budget
     if any(p.startswith("B") for p in present):
         b, br = make_budget(rng)
@@ -606,8 +799,30 @@ def generate_one(rng):
             out = out.replace("{" + key + "s}", (" " + parts[key + "s"]) if (key + "s") in present else "")
             out = out.replace("{" + key + "s!}", " " + parts[key + "s"] if key in present else "")
         # remaining simple placeholders
-        for name in ["aWadj", "Wadj_cap", "Wadj", "Wbare", "Bm", "Wform", "Tsubj", "Tform", "Tcount", "Ilist",
-                     "D", "X", "W", "T", "B", "I", "be", "We_are", "we_are", "We", "we", "our"]:
+        for name in [
+            "aWadj",
+            "Wadj_cap",
+            "Wadj",
+            "Wbare",
+            "Bm",
+            "Wform",
+            "Tsubj",
+            "Tform",
+            "Tcount",
+            "Ilist",
+            "D",
+            "X",
+            "W",
+            "T",
+            "B",
+            "I",
+            "be",
+            "We_are",
+            "we_are",
+            "We",
+            "we",
+            "our",
+        ]:
             token = "{" + name + "}"
             if token in out:
                 out = out.replace(token, parts[name])

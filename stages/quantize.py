@@ -100,8 +100,8 @@ def bake(model):
 def quantize(model_dir: Path, out: Path, method: str, q: dict, group_size: int, rows: list[dict], device: str) -> None:
     """Run AWQ or RTN on the model in `model_dir` and save the fake-quantized result to `out`."""
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.transform import AWQModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform import AWQModifier
 
     _cpu_safe_llmcompressor()
     tokenizer = load_tokenizer(model_dir)
@@ -184,8 +184,12 @@ def run(argv: list[str]) -> None:
         raise StageError("params.yaml: quantize.bits must be 4 (the ONNX int4 export needs it)")
     eval_rows = [r for t in tasks for r in read_jsonl(SPLITS / t / "eval.jsonl")]
     rows = calibration_rows(tasks, require(params, "data.seed"))
-    log.info("calibrating AWQ on %d blocks of %d tokens from the %s training rows", q["calib_samples"],
-             q["calib_seq_len"], "+".join(tasks))
+    log.info(
+        "calibrating AWQ on %d blocks of %d tokens from the %s training rows",
+        q["calib_samples"],
+        q["calib_seq_len"],
+        "+".join(tasks),
+    )
 
     start = time.time()
     quantize(BASE, OUT_AWQ, "awq", q, group_size, rows, device)
