@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -65,6 +66,18 @@ def first_step_ms(model, adapters, name: str | None, repeats: int) -> list[float
     return times
 
 
+def peak_rss_mb(model_dir: Path) -> float:
+    # VmHWM, not ru_maxrss: the latter counts the forking parent's size too
+    code = (
+        "import sys, onnxruntime_genai as og\n"
+        "m = og.Model(sys.argv[1]); p = og.GeneratorParams(m); p.set_search_options(max_length=8)\n"
+        "g = og.Generator(m, p); g.append_tokens([1, 2, 3]); g.generate_next_token()\n"
+        "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(model_dir)], capture_output=True, text=True, check=True)
+    return round(int(out.stdout.split()[-1]) / 1024, 1)
+
+
 def set_threads(model_dir: Path, threads: int) -> None:
     config_file = model_dir / "genai_config.json"
     config = json.loads(config_file.read_text())
@@ -108,7 +121,8 @@ def build_both(args) -> tuple:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     hf_dir = args.hf_dir or next(p for p in (ROOT / "models/quantized", ROOT / "models/base") if p.exists())
     block = args.block_size or params["optimize"]["block_size"]
-    lm_head = args.lm_head or params["optimize"].get("lm_head", "fp32")
+    lm_head = args.lm_head or params["optimize"].get("lm_head", "int8")
+    layout = args.lora_layout or params["optimize"].get("lora_layout", "branches")
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-lora-"))
     adapters = {t: ROOT / "models/adapters" / t for t in args.tasks}
     if not all((p / "adapter_config.json").exists() for p in adapters.values()):
@@ -117,12 +131,20 @@ def build_both(args) -> tuple:
 
         print(f"no trained adapters in models/adapters: making random r=16 ones on {hf_dir}")
         adapters = {t: make_random_adapter(hf_dir, work / "peft" / t, seed, r=16) for seed, t in enumerate(args.tasks)}
-    opts = dict(precision="int4", block_size=block, accuracy_level=params["optimize"]["accuracy_level"],
-                execution_provider="cpu", lm_head=lm_head)
-    print(f"building plain and multi-LoRA int4 models from {hf_dir} (block {block}, lm_head {lm_head}) in {work}")
+    opts = dict(
+        precision="int4",
+        block_size=block,
+        accuracy_level=params["optimize"]["accuracy_level"],
+        execution_provider="cpu",
+        lm_head=lm_head,
+    )
+    print(
+        f"building plain and multi-LoRA int4 models from {hf_dir} (block {block}, lm_head {lm_head}, {layout}) in {work}"
+    )
     plain = build_onnx(hf_dir, work / "plain", {}, **opts)
-    lora = build_onnx(hf_dir, work / "lora", adapters, **opts)
-    return work, hf_dir, block, lm_head, {"plain": plain["model_mb"], "lora": lora["model_mb"]}, lora["adapter_mb"]
+    lora = build_onnx(hf_dir, work / "lora", adapters, **opts, lora_layout=layout)
+    settings = {"hf_dir": str(hf_dir), "block_size": block, "lm_head": lm_head, "lora_layout": layout}
+    return work, settings, {"plain": plain["model_mb"], "lora": lora["model_mb"]}, lora["adapter_mb"]
 
 
 def main() -> None:
@@ -133,10 +155,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--block-size", type=int, default=None, help="default: model.group_size from params.yaml")
     parser.add_argument("--lm-head", default=None, help="default: optimize.lm_head from params.yaml")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="ORT intra-op threads (1: steadier ratios on a shared machine; 0: ORT's default)")
-    parser.add_argument("--prebuilt", type=Path, default=None,
-                        help="skip building: use PREBUILT/plain and PREBUILT/lora (each laid out like models/onnx)")
+    parser.add_argument("--lora-layout", default=None, help="branches | switch (default: optimize.lora_layout)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="ORT intra-op threads (1: steadier ratios on a shared machine; 0: ORT's default)",
+    )
+    parser.add_argument(
+        "--prebuilt",
+        type=Path,
+        default=None,
+        help="skip building: use PREBUILT/plain and PREBUILT/lora (each laid out like models/onnx)",
+    )
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=None, help="default: bench/results/<date>-lora-cpu.json")
     args = parser.parse_args()
@@ -144,11 +175,13 @@ def main() -> None:
     import onnxruntime_genai as og
 
     if args.prebuilt:
-        work, hf_dir, block, lm_head = args.prebuilt, "prebuilt", None, None
+        work, settings = args.prebuilt, {"prebuilt": str(args.prebuilt)}
         sizes = {f: dir_mb(work / f / "model") for f in ("plain", "lora")}
-        adapter_mb = {t: round((work / "lora/adapters" / f"{t}.onnx_adapter").stat().st_size / 1e6, 2) for t in args.tasks}
+        adapter_mb = {
+            t: round((work / "lora/adapters" / f"{t}.onnx_adapter").stat().st_size / 1e6, 2) for t in args.tasks
+        }
     else:
-        work, hf_dir, block, lm_head, sizes, adapter_mb = build_both(args)
+        work, settings, sizes, adapter_mb = build_both(args)
 
     for folder in ("plain", "lora"):
         set_threads(work / folder / "model", args.threads)
@@ -182,21 +215,23 @@ def main() -> None:
     result = {
         "date": dt.date.today().isoformat(),
         "machine": f"{cpu_name()}, {os.cpu_count()} cores",
-        "hf_dir": str(hf_dir),
+        **settings,
         "tokens": args.tokens,
         "rounds": args.rounds,
         "threads": args.threads,
-        "block_size": block,
-        "lm_head": lm_head,
         "plain_model_mb": sizes["plain"],
         "lora_model_mb": sizes["lora"],
         "adapter_mb": adapter_mb,
+        # peak RSS of a process that loads the model and decodes one token (ORT pre-packs int4 weights per kernel)
+        "rss_mb": {f: peak_rss_mb(work / f / "model") for f in ("plain", "lora")},
         "tok_s": {v: {"min": round(min(s), 1), "median": round(statistics.median(s), 1)} for v, s in speeds.items()},
         "ratio_to_plain": {v: round(statistics.median(s) / base, 3) for v, s in speeds.items()},
         "adapter_load_ms": {"min": round(min(load_ms), 2), "median": round(statistics.median(load_ms), 2)},
         # a fresh generator plus one token, with no adapter vs with a different adapter each time
-        "first_step_ms": {"none": round(statistics.median(first_none), 2),
-                          "switched_adapter": round(statistics.median(first_switch), 2)},
+        "first_step_ms": {
+            "none": round(statistics.median(first_none), 2),
+            "switched_adapter": round(statistics.median(first_switch), 2),
+        },
     }
     print(json.dumps(result, indent=2))
     out = args.out or ROOT / "bench/results" / f"{result['date']}-lora-cpu.json"

@@ -42,9 +42,13 @@ def builder_options(precision: str, block_size: int, accuracy_level: int, lm_hea
         raise StageError(f"params.yaml: optimize.block_size must be one of {BLOCK_SIZES}, not {block_size}")
     if lm_head not in LM_HEADS:
         raise StageError(f"params.yaml: optimize.lm_head must be one of {LM_HEADS}, not '{lm_head}'")
-    opts = [f"block_size={block_size}", f"accuracy_level={accuracy_level}", "is_symmetric=false",
-            # one MatMulNBits for gate+up (then Split): fewer nodes per token, and one LoRA branch for both
-            "fuse_mlp_gate_up=true"]
+    opts = [
+        f"block_size={block_size}",
+        f"accuracy_level={accuracy_level}",
+        "is_symmetric=false",
+        # one MatMulNBits for gate+up (then Split): fewer nodes per token, and one LoRA branch for both
+        "fuse_mlp_gate_up=true",
+    ]
     if lm_head == "fp32":
         opts.append("nodes_to_exclude=/lm_head/MatMul,/model/embed_tokens/Gather")
     elif lm_head == "int8":
@@ -54,11 +58,21 @@ def builder_options(precision: str, block_size: int, accuracy_level: int, lm_hea
     return opts
 
 
-def export_model(hf_dir: Path, out_dir: Path, *, precision: str, block_size: int, accuracy_level: int,
-                 execution_provider: str, lm_head: str) -> None:
+def export_model(
+    hf_dir: Path,
+    out_dir: Path,
+    *,
+    precision: str,
+    block_size: int,
+    accuracy_level: int,
+    execution_provider: str,
+    lm_head: str,
+) -> None:
     """Run the builder on `hf_dir`, writing model.onnx(+.data), genai_config.json and tokenizer files to `out_dir`."""
     if execution_provider not in PROVIDERS:
-        raise StageError(f"params.yaml: device.execution_provider must be one of {PROVIDERS}, not '{execution_provider}'")
+        raise StageError(
+            f"params.yaml: device.execution_provider must be one of {PROVIDERS}, not '{execution_provider}'"
+        )
     import onnxruntime_genai.models  # noqa: F401  (puts the builder's own modules on sys.path)
     from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
@@ -71,7 +85,9 @@ def export_model(hf_dir: Path, out_dir: Path, *, precision: str, block_size: int
     chatter = io.StringIO()
     try:
         with contextlib.redirect_stdout(chatter):
-            opts = parse_extra_options(None, str(hf_dir), str(out_dir), precision, execution_provider, str(cache), extra)
+            opts = parse_extra_options(
+                None, str(hf_dir), str(out_dir), precision, execution_provider, str(cache), extra
+            )
             create_model(None, str(hf_dir), str(out_dir), precision, execution_provider, str(cache), **opts)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -81,4 +97,6 @@ def export_model(hf_dir: Path, out_dir: Path, *, precision: str, block_size: int
         shutil.rmtree(cache, ignore_errors=True)
     for name in ("model.onnx", "genai_config.json"):
         if not (out_dir / name).exists():
-            raise StageError(f"onnxruntime-genai model builder wrote no {name} in {out_dir}: {chatter.getvalue()[-300:]}")
+            raise StageError(
+                f"onnxruntime-genai model builder wrote no {name} in {out_dir}: {chatter.getvalue()[-300:]}"
+            )

@@ -93,7 +93,9 @@ class OnnxLM:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.log_severity_level = 3  # LoRA defaults are overridable initializers by design; ORT warns about each
-        self.session = ort.InferenceSession(str(model_dir / config["filename"]), opts, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            str(model_dir / config["filename"]), opts, providers=["CPUExecutionProvider"]
+        )
         self.names = config["inputs"]
         self.layers, self.kv_heads, self.head = (
             config["num_hidden_layers"],
@@ -156,6 +158,7 @@ def agreement(onnx_lm: OnnxLM, torch_model, tokenizer, rows: list[dict], max_len
         "loss_onnx": round(loss_onnx, 4),
         "loss_torch": round(loss_torch, 4),
         "loss_ratio": round(loss_onnx / loss_torch, 4),
+        "loss_diff": round(loss_onnx - loss_torch, 4),  # the ratio of two tiny losses (a learnt format) says little
         "tokens": total,
         "logit_rms_rel": round(rms_rel, 5),
         "logit_max_rel": round(max_rel, 5),

@@ -28,6 +28,8 @@ PROJ_NODE = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(\w+_proj)/MatMul(?:_Q
 # The HF modules behind each packed projection, in the order the builder packs their outputs.
 PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 PEFT_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight$")
+LAYOUTS = ("branches", "switch")
+SWITCH = "lora_active"  # layout "switch": 0 (default) runs the plain graph, adapters carry 1
 # PEFT options whose effect this conversion does not reproduce.
 UNSUPPORTED = ("use_dora", "lora_bias", "modules_to_save", "fan_in_fan_out", "rank_pattern", "alpha_pattern")
 
@@ -78,19 +80,24 @@ def _weight_shape(graph, node) -> tuple[int, int]:
     raise StageError(f"{node.name}: weight initializer not found")
 
 
-def add_lora_inputs(model_path: Path, hf_config: dict) -> list[LoraSlot]:
+def add_lora_inputs(model_path: Path, hf_config: dict, layout: str = "branches") -> list[LoraSlot]:
     """Give every decoder projection of `model_path` a LoRA branch fed by optional inputs; rewrite it in place.
 
+    layout "switch" also keeps the plain graph and picks one of the two with an If on the SWITCH input, which
+    adapters set to 1: no LoRA node runs without an adapter, but ORT pre-packs the int4 weights once per branch.
     Only the graph proto changes: the weights stay in the external data file next to it.
     """
     import onnx
     from onnx import helper
 
+    if layout not in LAYOUTS:
+        raise StageError(f"params.yaml: optimize.lora_layout must be one of {LAYOUTS}, not '{layout}'")
     model = onnx.load(str(model_path), load_external_data=False)
     graph = model.graph
     elem = next(o.type.tensor_type.elem_type for o in graph.output if o.name == "logits")
     dtype = onnx.helper.tensor_dtype_to_np_dtype(elem).name
     nodes = list(graph.node)
+    plain_nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in nodes]
     consumers: dict[str, list] = {}
     for node in nodes:
         for i, name in enumerate(node.input):
@@ -106,7 +113,9 @@ def add_lora_inputs(model_path: Path, hf_config: dict) -> list[LoraSlot]:
         parts, widths = part_widths(hf_config, proj)
         k, n = _weight_shape(graph, node)
         if sum(widths) != n:
-            raise StageError(f"{model_path}: {node.name} has {n} outputs, config.json implies {sum(widths)} for {parts}")
+            raise StageError(
+                f"{model_path}: {node.name} has {n} outputs, config.json implies {sum(widths)} for {parts}"
+            )
         slot = LoraSlot(layer, f"model.layers.{layer}.{block}.{proj}", parts, widths, k, dtype)
         x, y = node.input[0], node.output[0]
         base = f"/model/layers.{layer}/{block}/{proj}/lora"
@@ -135,10 +144,49 @@ def add_lora_inputs(model_path: Path, hf_config: dict) -> list[LoraSlot]:
         slots.append(slot)
     if not slots:
         raise StageError(f"{model_path}: no decoder projections found to attach LoRA to (unexpected builder output)")
+    if layout == "switch":
+        new_nodes = _switch(graph, plain_nodes, new_nodes, elem)
     graph.ClearField("node")
     graph.node.extend(new_nodes)
     onnx.save(model, str(model_path))
     return slots
+
+
+def _switch(graph, plain_nodes: list, lora_nodes: list, elem: int) -> list:
+    """Two nodes: Cast(SWITCH) and an If whose branches are the LoRA and the plain decoder (weights stay outside)."""
+    from onnx import TensorProto, helper
+
+    outputs = [o.name for o in graph.output]
+
+    def branch(nodes: list, tag: str):
+        # branch outputs need their own names; intermediate names may repeat across the two sibling scopes
+        renamed = {name: f"{tag}/{name}" for name in outputs}
+        for node in nodes:
+            node.name = f"/{tag}{node.name}"
+            for i, name in enumerate(node.output):
+                node.output[i] = renamed.get(name, name)
+            for i, name in enumerate(node.input):
+                node.input[i] = renamed.get(name, name)
+        values = []
+        for out in graph.output:
+            value = type(out).FromString(out.SerializeToString())
+            value.name = renamed[out.name]
+            values.append(value)
+        return helper.make_graph(nodes, tag, [], values)
+
+    graph.input.append(helper.make_tensor_value_info(SWITCH, elem, []))
+    graph.initializer.append(helper.make_tensor(SWITCH, elem, [], [0]))
+    return [
+        helper.make_node("Cast", [SWITCH], ["/lora_switch/cond"], name="/lora_switch/Cast", to=TensorProto.BOOL),
+        helper.make_node(
+            "If",
+            ["/lora_switch/cond"],
+            outputs,
+            name="/lora_switch/If",
+            then_branch=branch(lora_nodes, "lora"),
+            else_branch=branch(plain_nodes, "plain"),
+        ),
+    ]
 
 
 def _read_peft(adapter_dir: Path) -> tuple[dict, dict[tuple[int, str, str], np.ndarray]]:
@@ -166,7 +214,7 @@ def _read_peft(adapter_dir: Path) -> tuple[dict, dict[tuple[int, str, str], np.n
     return config, tensors
 
 
-def peft_to_inputs(adapter_dir: Path, slots: list[LoraSlot]) -> dict[str, np.ndarray]:
+def peft_to_inputs(adapter_dir: Path, slots: list[LoraSlot], switch: bool = False) -> dict[str, np.ndarray]:
     """The adapter's weights as values for every LoRA input of the graph (PEFT scaling folded into B).
 
     Every slot gets a value, rank 0 where the adapter does not touch it, so each adapter file names every input.
@@ -177,7 +225,9 @@ def peft_to_inputs(adapter_dir: Path, slots: list[LoraSlot]) -> dict[str, np.nda
     known = {(s.layer, p) for s in slots for p in s.parts}
     stray = sorted({(layer, mod) for layer, mod, _ in tensors} - known)
     if stray:
-        raise StageError(f"{adapter_dir}: LoRA on layer {stray[0][0]} {stray[0][1]}, which the ONNX model has no slot for")
+        raise StageError(
+            f"{adapter_dir}: LoRA on layer {stray[0][0]} {stray[0][1]}, which the ONNX model has no slot for"
+        )
     values = {}
     for slot in slots:
         used = [p for p in slot.parts if (slot.layer, p, "A") in tensors]
@@ -189,12 +239,16 @@ def peft_to_inputs(adapter_dir: Path, slots: list[LoraSlot]) -> dict[str, np.nda
             if part in used:
                 lora_a, lora_b = tensors[(slot.layer, part, "A")], tensors[(slot.layer, part, "B")]
                 if lora_a.shape != (r, slot.in_features) or lora_b.shape != (width, r):
-                    raise StageError(f"{adapter_dir}: layer {slot.layer} {part} LoRA shapes {lora_a.shape}, {lora_b.shape} do not fit the model")
+                    raise StageError(
+                        f"{adapter_dir}: layer {slot.layer} {part} LoRA shapes {lora_a.shape}, {lora_b.shape} do not fit the model"
+                    )
                 a[:, row : row + r] = lora_a.T
                 b[row : row + r, col : col + width] = lora_b.T * scaling
                 row += r
             col += width
         values[slot.a], values[slot.b] = a.astype(slot.dtype), b.astype(slot.dtype)
+    if switch:
+        values[SWITCH] = np.array(1, slots[0].dtype)
     return values
 
 

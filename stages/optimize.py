@@ -40,7 +40,9 @@ def check_inputs(hf_dir: Path, adapters: dict[str, Path]) -> dict:
         raise StageError(f"{hf_dir}: no *.safetensors weights")
     for name, folder in adapters.items():
         if not (folder / "adapter_config.json").exists():
-            raise StageError(f"{folder / 'adapter_config.json'}: not found (adapter '{name}'; run `dvc repro finetune`)")
+            raise StageError(
+                f"{folder / 'adapter_config.json'}: not found (adapter '{name}'; run `dvc repro finetune`)"
+            )
     return json.loads(config_file.read_text())
 
 
@@ -54,6 +56,7 @@ def build_onnx(
     accuracy_level: int = 4,
     execution_provider: str = "cpu",
     lm_head: str = "int8",
+    lora_layout: str = "branches",
 ) -> dict:
     """Build `out_dir`/model (ORT GenAI) and `out_dir`/adapters/<name>.onnx_adapter for each PEFT folder.
 
@@ -66,23 +69,33 @@ def build_onnx(
     with atomic_dir(out_dir) as tmp:
         model_dir, adapter_dir = tmp / "model", tmp / "adapters"
         adapter_dir.mkdir()
-        export_model(hf_dir, model_dir, precision=precision, block_size=block_size, accuracy_level=accuracy_level,
-                     execution_provider=execution_provider, lm_head=lm_head)
-        slots = add_lora_inputs(model_dir / "model.onnx", config) if adapters else []
+        export_model(
+            hf_dir,
+            model_dir,
+            precision=precision,
+            block_size=block_size,
+            accuracy_level=accuracy_level,
+            execution_provider=execution_provider,
+            lm_head=lm_head,
+        )
+        slots = add_lora_inputs(model_dir / "model.onnx", config, lora_layout) if adapters else []
         for name, folder in adapters.items():
-            write_adapter(peft_to_inputs(folder, slots), adapter_dir / f"{name}.onnx_adapter")
+            values = peft_to_inputs(folder, slots, switch=lora_layout == "switch")
+            write_adapter(values, adapter_dir / f"{name}.onnx_adapter")
             log.info("adapter %s -> %s", folder, adapter_dir / f"{name}.onnx_adapter")
     return {
         "model_mb": dir_size_mb(out_dir / "model"),
-        "adapter_mb": {name: round((out_dir / "adapters" / f"{name}.onnx_adapter").stat().st_size / 1e6, 2)
-                       for name in adapters},
+        "adapter_mb": {
+            name: round((out_dir / "adapters" / f"{name}.onnx_adapter").stat().st_size / 1e6, 2) for name in adapters
+        },
         "lora_slots": len(slots),
         "build_seconds": round(time.time() - start, 1),
     }
 
 
-def torch_agreement(onnx_dir: Path, hf_dir: Path, adapters: dict[str, Path], rows: dict[str, list[dict]],
-                    max_len: int) -> dict:
+def torch_agreement(
+    onnx_dir: Path, hf_dir: Path, adapters: dict[str, Path], rows: dict[str, list[dict]], max_len: int
+) -> dict:
     """Per task: ONNX (base + .onnx_adapter) vs torch (base + PEFT) on that task's rows; plus the base alone."""
     from peft import PeftModel
 
@@ -116,9 +129,13 @@ def grid_settings(params: dict, hf_dir: Path) -> int:
     if meta_file.exists():
         meta = json.loads(meta_file.read_text())
         if meta.get("group_size") != block_size or meta.get("symmetric"):
-            log.warning("%s: weights sit on a %s int4 grid of group %s; exporting asymmetric blocks of %d is not exact",
-                        meta_file, "symmetric" if meta.get("symmetric") else "asymmetric", meta.get("group_size"),
-                        block_size)
+            log.warning(
+                "%s: weights sit on a %s int4 grid of group %s; exporting asymmetric blocks of %d is not exact",
+                meta_file,
+                "symmetric" if meta.get("symmetric") else "asymmetric",
+                meta.get("group_size"),
+                block_size,
+            )
     return block_size
 
 
@@ -145,9 +162,15 @@ def run(argv: list[str]) -> None:
         accuracy_level=int(opt["accuracy_level"]),
         execution_provider=require(params, "device.execution_provider"),
         lm_head=opt.get("lm_head", "int8"),
+        lora_layout=opt.get("lora_layout", "branches"),
     )
     log.info("built %s in %.0f s (%.1f MB)", OUT, info["build_seconds"], info["model_mb"])
-    metrics = {**info, "precision": opt["precision"], "lm_head": opt.get("lm_head", "int8")}
+    metrics = {
+        **info,
+        "precision": opt["precision"],
+        "lm_head": opt.get("lm_head", "int8"),
+        "lora_layout": opt.get("lora_layout", "branches"),
+    }
     if opt["precision"] == "int4":
         metrics["int4_grid_error"] = int4_grid_error(OUT / "model" / "model.onnx", HF_DIR)
         log.info("int4 weights vs %s: %s", HF_DIR, metrics["int4_grid_error"])

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from stages.common import StageError
-from stages.lm import encode_example, load_model, load_tokenizer, prompt_text
+from stages.lm import load_model, load_tokenizer, prompt_text
 from stages.onnx_check import OnnxLM, agreement, int4_grid_error
-from stages.onnx_lora import peft_to_inputs, read_adapter
+from stages.onnx_lora import SWITCH, peft_to_inputs, read_adapter
 from stages.optimize import build_onnx
 from tests.conftest import make_random_adapter
 from tests.helpers import default_params, error_lines, run_stage, write_params
@@ -24,17 +24,50 @@ from tests.helpers import default_params, error_lines, run_stage, write_params
 GROUP = 32  # conf/model/tiny.yaml group_size
 TASKS = ("travel", "trip_json")
 ROWS = [
-    {"prompt": "What should I pack for a week in Iceland in March?", "response": "Layers: thermal base, fleece, a waterproof shell, warm hat, gloves and boots with grip."},
-    {"prompt": "Is the Paris Museum Pass worth it?", "response": "Yes if you visit three or more museums in two days; it also lets you skip ticket lines."},
-    {"prompt": "Best time to see cherry blossoms in Kyoto?", "response": "Late March to early April; the exact week moves with the spring weather."},
-    {"prompt": "How do I get from Rome airport to the city?", "response": "The Leonardo Express train runs every 15 minutes to Termini and takes about 32 minutes."},
-    {"prompt": "Give me a one-day plan for Lisbon.", "response": "Morning in Alfama, tram 28 to Baixa, lunch in Chiado, sunset at Miradouro da Senhora do Monte."},
-    {"prompt": "Do I need a visa for Japan as an EU citizen?", "response": "No, EU citizens can stay up to 90 days visa-free for tourism."},
-    {"prompt": "Cheap ways to travel around Europe?", "response": "Night buses, regional trains booked early, budget airlines with hand luggage only, and rail passes."},
-    {"prompt": "Trip JSON for two days in Prague", "response": '{"city": "Prague", "days": [{"day": 1, "plan": ["Old Town", "Charles Bridge"]}, {"day": 2, "plan": ["Castle"]}]}'},
-    {"prompt": "What is a good tip in New York restaurants?", "response": "Between 18 and 22 percent of the bill before tax is usual for table service."},
-    {"prompt": "How early should I arrive for an international flight?", "response": "Three hours before departure leaves time for check-in, security and passport control."},
-    {"prompt": "Trip JSON for a weekend in Berlin", "response": '{"city": "Berlin", "days": [{"day": 1, "plan": ["Museum Island"]}, {"day": 2, "plan": ["East Side Gallery"]}]}'},
+    {
+        "prompt": "What should I pack for a week in Iceland in March?",
+        "response": "Layers: thermal base, fleece, a waterproof shell, warm hat, gloves and boots with grip.",
+    },
+    {
+        "prompt": "Is the Paris Museum Pass worth it?",
+        "response": "Yes if you visit three or more museums in two days; it also lets you skip ticket lines.",
+    },
+    {
+        "prompt": "Best time to see cherry blossoms in Kyoto?",
+        "response": "Late March to early April; the exact week moves with the spring weather.",
+    },
+    {
+        "prompt": "How do I get from Rome airport to the city?",
+        "response": "The Leonardo Express train runs every 15 minutes to Termini and takes about 32 minutes.",
+    },
+    {
+        "prompt": "Give me a one-day plan for Lisbon.",
+        "response": "Morning in Alfama, tram 28 to Baixa, lunch in Chiado, sunset at Miradouro da Senhora do Monte.",
+    },
+    {
+        "prompt": "Do I need a visa for Japan as an EU citizen?",
+        "response": "No, EU citizens can stay up to 90 days visa-free for tourism.",
+    },
+    {
+        "prompt": "Cheap ways to travel around Europe?",
+        "response": "Night buses, regional trains booked early, budget airlines with hand luggage only, and rail passes.",
+    },
+    {
+        "prompt": "Trip JSON for two days in Prague",
+        "response": '{"city": "Prague", "days": [{"day": 1, "plan": ["Old Town", "Charles Bridge"]}, {"day": 2, "plan": ["Castle"]}]}',
+    },
+    {
+        "prompt": "What is a good tip in New York restaurants?",
+        "response": "Between 18 and 22 percent of the bill before tax is usual for table service.",
+    },
+    {
+        "prompt": "How early should I arrive for an international flight?",
+        "response": "Three hours before departure leaves time for check-in, security and passport control.",
+    },
+    {
+        "prompt": "Trip JSON for a weekend in Berlin",
+        "response": '{"city": "Berlin", "days": [{"day": 1, "plan": ["Museum Island"]}, {"day": 2, "plan": ["East Side Gallery"]}]}',
+    },
 ]
 
 
@@ -73,14 +106,22 @@ def grid_adapters(grid_base, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def built(grid_base, grid_adapters, tmp_path_factory) -> dict[str, Path]:
-    """int4 multi-LoRA, the same without adapters (plain), and fp32 multi-LoRA, all from the grid model."""
+    """int4 multi-LoRA (both layouts), the same without adapters (plain), and fp32 multi-LoRA, from the grid model."""
     root = tmp_path_factory.mktemp("built")
     int4 = dict(precision="int4", block_size=GROUP, accuracy_level=4, execution_provider="cpu")
     build_onnx(grid_base, root / "lora", grid_adapters, **int4)
+    build_onnx(grid_base, root / "switch", grid_adapters, **int4, lora_layout="switch")
     build_onnx(grid_base, root / "plain", {}, **int4)
-    build_onnx(grid_base, root / "fp32", grid_adapters, precision="fp32", execution_provider="cpu",
-               block_size=GROUP, accuracy_level=4)
-    return {"lora": root / "lora", "plain": root / "plain", "fp32": root / "fp32"}
+    build_onnx(
+        grid_base,
+        root / "fp32",
+        grid_adapters,
+        precision="fp32",
+        execution_provider="cpu",
+        block_size=GROUP,
+        accuracy_level=4,
+    )
+    return {name: root / name for name in ("lora", "switch", "plain", "fp32")}
 
 
 def lora_inputs(model_dir: Path) -> set[str]:
@@ -126,18 +167,20 @@ def test_tiny_onnx_fixture_layout(tiny_onnx):
         adapters.load(str(tiny_onnx / "adapters" / f"{task}.onnx_adapter"), task)
 
 
-def test_adapter_tensors_are_exactly_the_lora_inputs(built):
+@pytest.mark.parametrize("variant", ["lora", "switch"])
+def test_adapter_tensors_are_exactly_the_lora_inputs(built, variant):
     import onnx
 
-    model_dir = built["lora"] / "model"
+    model_dir = built[variant] / "model"
     graph_inputs = {i.name for i in onnx.load(str(model_dir / "model.onnx"), load_external_data=False).graph.input}
     lora = lora_inputs(model_dir)
     # 2 layers x (qkv, o, gate_up, down) x (A, B)
     assert len(lora) == 16
+    expected = lora | ({SWITCH} if variant == "switch" else set())
+    assert expected <= graph_inputs
     for task in TASKS:
-        names = set(read_adapter(built["lora"] / "adapters" / f"{task}.onnx_adapter"))
-        assert names <= graph_inputs
-        assert names == lora
+        names = set(read_adapter(built[variant] / "adapters" / f"{task}.onnx_adapter"))
+        assert names == expected
 
 
 def test_plain_model_has_no_lora_inputs(built):
@@ -161,16 +204,17 @@ def test_int4_weights_dequantize_to_the_hf_grid(built, grid_base, tiny_base):
 # --- no adapter = the plain model ----------------------------------------------------------------------------------
 
 
-def test_no_adapter_gives_the_plain_models_greedy_output(built, grid_base):
+@pytest.mark.parametrize("variant", ["lora", "switch"])
+def test_no_adapter_gives_the_plain_models_greedy_output(built, grid_base, variant):
     import onnxruntime_genai as og
 
-    plain, lora = og.Model(str(built["plain"] / "model")), og.Model(str(built["lora"] / "model"))
+    plain, lora = og.Model(str(built["plain"] / "model")), og.Model(str(built[variant] / "model"))
     for row in ROWS[:3]:
         ids = prompt_ids(grid_base, row["prompt"])
         plain_tokens, plain_logits = greedy(plain, ids, 12)
         lora_tokens, lora_logits = greedy(lora, ids, 12)
         assert lora_tokens == plain_tokens
-        # the rank-0 branch adds exact zeros
+        # the rank-0 branch adds exact zeros; the switch runs the plain graph itself
         np.testing.assert_array_equal(lora_logits, plain_logits)
 
 
@@ -181,7 +225,9 @@ def test_no_adapter_gives_the_plain_models_greedy_output(built, grid_base):
 def torch_models(grid_base, grid_adapters):
     from peft import PeftModel
 
-    return {task: PeftModel.from_pretrained(load_model(grid_base), str(path)).eval() for task, path in grid_adapters.items()}
+    return {
+        task: PeftModel.from_pretrained(load_model(grid_base), str(path)).eval() for task, path in grid_adapters.items()
+    }
 
 
 # int4 with accuracy_level 4 quantizes activations to int8 per block inside MatMulNBits: each carries a rounding error
@@ -191,9 +237,10 @@ def torch_models(grid_base, grid_adapters):
 # or wrong adapter tensor (the random adapters move logits by more than half their spread). fp32 is exact up to
 # summation order (1e-6 seen).
 LOGIT_TOL = {"lora": {"rms": 0.02, "max": 0.25}, "fp32": {"rms": 1e-4, "max": 1e-3}}
+LOGIT_TOL["switch"] = LOGIT_TOL["lora"]
 
 
-@pytest.mark.parametrize("variant", ["lora", "fp32"])
+@pytest.mark.parametrize("variant", ["lora", "switch", "fp32"])
 def test_adapter_logits_agree_with_torch(built, grid_base, torch_models, variant):
     tokenizer = load_tokenizer(grid_base)
     onnx_lm = OnnxLM(built[variant] / "model")
@@ -207,15 +254,16 @@ def test_adapter_logits_agree_with_torch(built, grid_base, torch_models, variant
         assert abs(result["loss_ratio"] - 1) <= 0.02, (task, result)
 
 
-def test_og_adapter_path_gives_the_checked_logits(built, grid_base):
+@pytest.mark.parametrize("variant", ["lora", "switch"])
+def test_og_adapter_path_gives_the_checked_logits(built, grid_base, variant):
     """ORT GenAI with og.Adapters computes what the session check above compares with torch."""
     import onnxruntime_genai as og
 
-    model = og.Model(str(built["lora"] / "model"))
+    model = og.Model(str(built[variant] / "model"))
     adapters = og.Adapters(model)
-    onnx_lm = OnnxLM(built["lora"] / "model")
+    onnx_lm = OnnxLM(built[variant] / "model")
     for task in TASKS:
-        path = built["lora"] / "adapters" / f"{task}.onnx_adapter"
+        path = built[variant] / "adapters" / f"{task}.onnx_adapter"
         adapters.load(str(path), task)
         # a prompt that ends in the assistant header: ORT GenAI returns the last non-pad position's logits, and
         # this model's pad token is <|im_end|>
@@ -291,7 +339,9 @@ def test_missing_quantized_model_is_one_line(tmp_path, grid_adapters):
     folder = stage_folder(tmp_path, None, grid_adapters)
     proc = run_stage("optimize", folder)
     assert proc.returncode == 1
-    assert error_lines(proc) == ["optimize: error: models/quantized/config.json: not found (run `dvc repro quantize` first)"]
+    assert error_lines(proc) == [
+        "optimize: error: models/quantized/config.json: not found (run `dvc repro quantize` first)"
+    ]
     assert "Traceback" not in proc.stderr
     assert not (folder / "models" / "onnx").exists()
 
