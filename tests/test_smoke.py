@@ -8,7 +8,7 @@ import pytest
 
 from tests.pipeline import copy_repo, ran_stages, sh
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # the real model end to end: minutes
 
 
 @pytest.fixture(scope="module")
