@@ -121,10 +121,20 @@ def scripted_chat(model_dir: Path) -> list[dict]:
         if adapter != "base":
             engine.prepare_adapter(adapter)
         messages.append({"role": "user", "content": text})
-        reply, stats = collect(engine.generate(messages, adapter, Sampling(temperature=0.0, top_p=1.0, max_new_tokens=96)))
+        reply, stats = collect(
+            engine.generate(messages, adapter, Sampling(temperature=0.0, top_p=1.0, max_new_tokens=96))
+        )
         messages.append({"role": "assistant", "content": reply})
-        log.append({"adapter": adapter, "prompt": text, "reply": reply, "ttft_ms": round(stats.ttft_s * 1000, 1),
-                    "tok_s": round(stats.tokens_per_s or 0, 1), "finish": stats.finish})
+        log.append(
+            {
+                "adapter": adapter,
+                "prompt": text,
+                "reply": reply,
+                "ttft_ms": round(stats.ttft_s * 1000, 1),
+                "tok_s": round(stats.tokens_per_s or 0, 1),
+                "finish": stats.finish,
+            }
+        )
         print(f"[{adapter}] {reply[:200]!r}", flush=True)
     return log
 
@@ -137,8 +147,12 @@ def main() -> None:
 
     import torch  # first: onnxruntime-gpu finds the CUDA libraries torch brings
 
-    result: dict = {"date": str(date.today()), "device": torch.cuda.get_device_name(0), "new_tokens": NEW_TOKENS,
-                    "rounds": ROUNDS}
+    result: dict = {
+        "date": str(date.today()),
+        "device": torch.cuda.get_device_name(0),
+        "new_tokens": NEW_TOKENS,
+        "rounds": ROUNDS,
+    }
     if not args.skip_stages:
         result["stage_seconds"] = run_stages()
     from transformers import AutoTokenizer

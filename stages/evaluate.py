@@ -139,12 +139,14 @@ def _ort_generate(model_dir: str, adapter: str | None, prompts: list[str], max_n
     replies = [hf_tok.decode(run(p, max_new_tokens, True)[0], skip_special_tokens=True).strip() for p in prompts]
     run(SPEED_PROMPT, 8, False)  # warm-up
     _, stamps = run(SPEED_PROMPT, 128, False)
-    queue.put({
-        "replies": replies,
-        "ttft_ms": round(stamps[0] * 1000, 1),
-        "decode_tok_s": round((len(stamps) - 1) / (stamps[-1] - stamps[0]), 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-    })
+    queue.put(
+        {
+            "replies": replies,
+            "ttft_ms": round(stamps[0] * 1000, 1),
+            "decode_tok_s": round((len(stamps) - 1) / (stamps[-1] - stamps[0]), 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        }
+    )
 
 
 def ort_run(adapter: str | None, prompts: list[str], max_new_tokens: int) -> dict:
