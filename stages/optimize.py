@@ -20,6 +20,7 @@ from pathlib import Path
 from stages.common import StageError, atomic_dir, dir_size_mb, load_params, main, require, write_json
 from stages.onnx_build import export_model
 from stages.onnx_lora import add_lora_inputs, peft_to_inputs, read_adapter, write_adapter
+from stages.quantize import META_FILE
 
 log = logging.getLogger("stages.optimize")
 
@@ -28,7 +29,6 @@ ADAPTERS = Path("models/adapters")
 OUT = Path("models/onnx")
 METRICS = Path("metrics/optimize.json")
 SPLITS = Path("data/split")
-GRID_META = "int4_grid.json"  # written by the quantize stage: the grid its weights sit on
 
 
 def check_inputs(hf_dir: Path, adapters: dict[str, Path]) -> dict:
@@ -125,7 +125,7 @@ def torch_agreement(
 def grid_settings(params: dict, hf_dir: Path) -> int:
     """The int4 block size, warned about when it differs from the grid the quantize stage used."""
     block_size = int(require(params, "optimize.block_size"))
-    meta_file = hf_dir / GRID_META
+    meta_file = hf_dir / META_FILE  # written by the quantize stage: the grid its weights sit on
     if meta_file.exists():
         meta = json.loads(meta_file.read_text())
         if meta.get("group_size") != block_size or meta.get("symmetric"):

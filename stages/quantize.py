@@ -155,7 +155,7 @@ def int4_size_mb(model_dir: Path, bits: int, group_size: int) -> float:
     """Size the model would have packed: int4 Linear weights + fp16 scale and zero point per group, the rest fp16."""
     from safetensors import safe_open
 
-    meta = read_jsonl_meta(model_dir)
+    meta = quantized_layers(model_dir)
     total = 0.0
     with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
         for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
@@ -167,7 +167,8 @@ def int4_size_mb(model_dir: Path, bits: int, group_size: int) -> float:
     return round(total / 1e6, 2)
 
 
-def read_jsonl_meta(model_dir: Path) -> set[str]:
+def quantized_layers(model_dir: Path) -> set[str]:
+    """Names of the weights the quantize stage put on the int4 grid (from its int4_grid.json)."""
     import json
 
     return set(json.loads((model_dir / META_FILE).read_text())["quantized"])
