@@ -16,6 +16,7 @@ log = logging.getLogger("stages.onnx_check")
 
 NODE_TO_HF = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(\w+_proj)/MatMul_Q\d+$")
 HF_BLOCK = {"attn": "self_attn", "mlp": "mlp"}
+FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
@@ -83,6 +84,8 @@ class OnnxLM:
     """Full-sequence logits from the exported decoder through a plain ORT session (one forward, empty KV cache).
 
     ORT GenAI only hands back the last position's logits; this runs the same graph and kernels for all of them.
+    A graph built for CUDA (fp16 inputs and outputs) runs on onnxruntime-gpu's CUDA provider when it is installed,
+    else on the CPU; float feeds are cast to whatever the graph declares and logits come back as float32.
     """
 
     def __init__(self, model_dir: Path | str, threads: int = 0):
@@ -93,16 +96,18 @@ class OnnxLM:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.log_severity_level = 3  # LoRA defaults are overridable initializers by design; ORT warns about each
-        self.session = ort.InferenceSession(
-            str(model_dir / config["filename"]), opts, providers=["CPUExecutionProvider"]
-        )
+        providers = ["CPUExecutionProvider"]
+        built_for = {name for p in config.get("session_options", {}).get("provider_options", []) for name in p}
+        if "cuda" in built_for and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        self.session = ort.InferenceSession(str(model_dir / config["filename"]), opts, providers=providers)
         self.names = config["inputs"]
         self.layers, self.kv_heads, self.head = (
             config["num_hidden_layers"],
             config["num_key_value_heads"],
             config["head_size"],
         )
-        self.input_names = {i.name for i in self.session.get_inputs()}
+        self.float_types = {i.name: FLOAT_TYPES.get(i.type) for i in self.session.get_inputs()}
 
     def logits(self, ids: list[int], adapter: dict[str, np.ndarray] | None = None) -> np.ndarray:
         feeds = {
@@ -113,10 +118,11 @@ class OnnxLM:
         for i in range(self.layers):
             feeds[self.names["past_key_names"] % i] = empty
             feeds[self.names["past_value_names"] % i] = empty
-        feeds = {k: v for k, v in feeds.items() if k in self.input_names}
-        feeds.update(adapter or {})
+        feeds = {k: v for k, v in feeds.items() if k in self.float_types}  # attention_mask may be absent
+        feeds.update(adapter or {})  # an adapter name the graph lacks is an error in session.run
+        feeds = {k: v.astype(self.float_types[k]) if self.float_types.get(k) else v for k, v in feeds.items()}
         (logits,) = self.session.run(["logits"], feeds)
-        return logits[0]
+        return logits[0].astype(np.float32)
 
 
 def _nll(logits: np.ndarray, labels: list[int]) -> tuple[np.ndarray, np.ndarray]:
