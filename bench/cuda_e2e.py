@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -29,6 +30,7 @@ PROMPT = (
 )
 NEW_TOKENS = 128
 ROUNDS = 5
+TASKS = ("travel", "trip_json")
 
 
 def run_stages() -> dict[str, float]:
@@ -41,18 +43,21 @@ def run_stages() -> dict[str, float]:
         print(f"{name}: {seconds[name]} s (exit {proc.returncode})", flush=True)
         if proc.returncode != 0:
             print(proc.stderr[-3000:], flush=True)
-            # optimize checks its CUDA graph against torch through onnxruntime's CPU provider after building it
-            if not (name == "optimize" and Path("models/onnx/model/genai_config.json").exists()):
-                raise SystemExit(f"stage {name} failed")
-            seconds["optimize_check_failed"] = proc.stderr.strip().splitlines()[-1][:300]
+            raise SystemExit(f"stage {name} failed")
     return seconds
 
 
-def torch_eager(model_dir: str, ids: list[int]) -> dict:
+def torch_eager(model_dir: str, ids: list[int], adapter: Path | None = None) -> dict:
+    """HF `generate` (bf16, eager) on the GPU; with `adapter`, the PEFT adapter on top (the fair baseline for ORT
+    GenAI with that adapter active)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to("cuda").eval()
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter)).to("cuda").eval()
     x = torch.tensor([ids], device="cuda")
 
     def timed(n: int) -> float:
@@ -72,36 +77,68 @@ def torch_eager(model_dir: str, ids: list[int]) -> dict:
     }
 
 
-def ort_genai(model_dir: Path, ids: list[int], adapter: str | None) -> dict:
+def with_cuda_graph(model_dir: Path, out: Path, on: bool) -> Path:
+    """A copy of an optimize output (symlinks, own genai_config.json) with ORT's CUDA graph capture on or off."""
+    from stages.onnx_build import set_cuda_graph
+
+    (out / "model").mkdir(parents=True, exist_ok=True)
+    for f in (model_dir / "model").iterdir():
+        target = out / "model" / f.name
+        if f.name == "genai_config.json":
+            shutil.copyfile(f, target)
+        elif not target.exists():
+            target.symlink_to(f.resolve())
+    if (model_dir / "adapters").exists() and not (out / "adapters").exists():
+        (out / "adapters").symlink_to((model_dir / "adapters").resolve())
+    set_cuda_graph(out / "model", on)
+    return out
+
+
+def greedy(model, adapters, ids: list[int], adapter: str | None, new_tokens: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens and the time after start at which each came back to the host."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + new_tokens, min_length=len(ids) + new_tokens, do_sample=False)
+    gen = og.Generator(model, params)
+    if adapter:
+        gen.set_active_adapter(adapters, adapter)
+    start = time.perf_counter()
+    gen.append_tokens(ids)
+    tokens, stamps = [], []
+    while not gen.is_done():
+        gen.generate_next_token()
+        tokens.append(int(gen.get_next_tokens()[0]))
+        stamps.append(time.perf_counter() - start)
+    return tokens, stamps
+
+
+def ort_genai(model_dir: Path, ids: list[int], names: list[str | None]) -> dict:
+    """Per adapter (None = base): TTFT, decode tok/s (medians of ROUNDS), the greedy tokens; then the same
+    adapters again in a switching order on the same model, to catch a captured graph that keeps the old adapter."""
     import onnxruntime_genai as og
 
     model = og.Model(str(model_dir / "model"))
     adapters = og.Adapters(model)
-    if adapter:
-        adapters.load(str(model_dir / "adapters" / f"{adapter}.onnx_adapter"), adapter)
-
-    def once() -> list[float]:
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + NEW_TOKENS, min_length=len(ids) + NEW_TOKENS, do_sample=False)
-        gen = og.Generator(model, params)
-        if adapter:
-            gen.set_active_adapter(adapters, adapter)
-        start = time.perf_counter()
-        gen.append_tokens(ids)
-        stamps = []
-        while not gen.is_done():
-            gen.generate_next_token()
-            gen.get_next_tokens()
-            stamps.append(time.perf_counter() - start)
-        return stamps
-
-    once()  # warm-up
-    runs = [once() for _ in range(ROUNDS)]
-    return {
-        "ttft_ms": round(statistics.median(r[0] for r in runs) * 1000, 2),
-        "decode_tok_s": round(statistics.median((len(r) - 1) / (r[-1] - r[0]) for r in runs), 1),
-        "tokens": len(runs[0]),
-    }
+    for name in names:
+        if name:
+            adapters.load(str(model_dir / "adapters" / f"{name}.onnx_adapter"), name)
+    result: dict = {}
+    for name in names:
+        greedy(model, adapters, ids, name, 16)  # warm-up (and graph capture)
+        runs = [greedy(model, adapters, ids, name, NEW_TOKENS) for _ in range(ROUNDS)]
+        stamps = [r[1] for r in runs]
+        result[name or "base"] = {
+            "ttft_ms": round(statistics.median(s[0] for s in stamps) * 1000, 2),
+            "decode_tok_s": round(statistics.median((len(s) - 1) / (s[-1] - s[0]) for s in stamps), 1),
+            "tokens": runs[0][0],
+            "same_tokens_every_round": all(r[0] == runs[0][0] for r in runs),
+        }
+    switched = [*names[1:], *names[:1], *names[1:]]
+    result["switching_gives_same_tokens"] = all(
+        greedy(model, adapters, ids, name, NEW_TOKENS)[0] == result[name or "base"]["tokens"] for name in switched
+    )
+    return result
 
 
 def scripted_chat(model_dir: Path) -> list[dict]:
@@ -139,10 +176,31 @@ def scripted_chat(model_dir: Path) -> list[dict]:
     return log
 
 
+def build_variants(root: Path) -> dict[str, Path]:
+    """The stage's model (multi-LoRA branches) plus, for comparison, the plain model and the `switch` layout."""
+    import yaml
+
+    from stages.optimize import build_onnx
+
+    opt = yaml.safe_load(Path("params.yaml").read_text())["optimize"]
+    common = dict(
+        precision=opt["precision"],
+        block_size=opt["block_size"],
+        accuracy_level=opt["accuracy_level"],
+        execution_provider="cuda",
+        lm_head=opt["lm_head"],
+    )
+    adapters = {task: Path("models/adapters") / task for task in TASKS}
+    build_onnx("models/quantized", root / "plain", {}, **common)
+    build_onnx("models/quantized", root / "switch", adapters, **common, lora_layout="switch")
+    return {"branches": Path("models/onnx"), "plain": root / "plain", "switch": root / "switch"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--skip-stages", action="store_true", help="measure existing models/ only")
     parser.add_argument("--out", default=f"bench/results/{date.today()}-cuda.json")
+    parser.add_argument("--work", default="/tmp/cuda_e2e", help="scratch folder for the extra builds")
     args = parser.parse_args()
 
     import torch  # first: onnxruntime-gpu finds the CUDA libraries torch brings
@@ -162,18 +220,54 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained("models/quantized")
     ids = tok(prompt_text(tok, PROMPT), add_special_tokens=False).input_ids
     result["prompt_tokens"] = len(ids)
-    result["torch_eager_bf16"] = torch_eager("models/quantized", ids)
+    result["torch_eager_bf16"] = {"base": torch_eager("models/quantized", ids)}
+    for task in TASKS:
+        result["torch_eager_bf16"][task] = torch_eager("models/quantized", ids, Path("models/adapters") / task)
     print("torch eager:", result["torch_eager_bf16"], flush=True)
-    onnx = Path("models/onnx")
-    result["ort_genai"] = {name or "base": ort_genai(onnx, ids, name) for name in (None, "travel", "trip_json")}
-    print("ort genai:", result["ort_genai"], flush=True)
-    result["decode_ratio_ort_over_torch"] = round(
-        result["ort_genai"]["travel"]["decode_tok_s"] / result["torch_eager_bf16"]["decode_tok_s"], 2
-    )
-    result["chat"] = scripted_chat(onnx)
+
+    work = Path(args.work)
+    result["ort_genai"] = {}
+    for layout, folder in build_variants(work).items():
+        names = [None] if layout == "plain" else [None, *TASKS]
+        for graph in (False, True):
+            variant = f"{layout}{'+cuda_graph' if graph else ''}"
+            try:
+                measured = ort_genai(with_cuda_graph(folder, work / variant, graph), ids, names)
+            except Exception as exc:  # e.g. a graph ORT cannot capture (control flow): record it, go on
+                measured = {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"}
+            result["ort_genai"][variant] = measured
+            print(
+                variant,
+                {
+                    k: (v if not isinstance(v, dict) else {x: y for x, y in v.items() if x != "tokens"})
+                    for k, v in measured.items()
+                },
+                flush=True,
+            )
+    result["ratios"] = ratios(result)
+    result["chat"] = scripted_chat(Path("models/onnx"))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "chat"}, indent=2))
+    print(json.dumps(result["ratios"], indent=2))
+
+
+def ratios(result: dict) -> dict:
+    """ORT GenAI decode tok/s over torch eager's for the same adapter (base = no adapter), per ORT variant; tokens
+    of a CUDA-graph variant are checked against the same layout without it."""
+    torch_eager = result["torch_eager_bf16"]
+    out = {}
+    for variant, measured in result["ort_genai"].items():
+        if "error" in measured:
+            continue
+        plain = result["ort_genai"].get(variant.removesuffix("+cuda_graph"), {})
+        for name, m in measured.items():
+            if not isinstance(m, dict):
+                continue
+            out[f"{variant}/{name}"] = {
+                "decode_ratio": round(m["decode_tok_s"] / torch_eager[name]["decode_tok_s"], 2),
+                "tokens_match_no_graph": m["tokens"] == plain.get(name, {}).get("tokens"),
+            }
+    return out
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import shutil
 import tempfile
@@ -100,3 +101,17 @@ def export_model(
             raise StageError(
                 f"onnxruntime-genai model builder wrote no {name} in {out_dir}: {chatter.getvalue()[-300:]}"
             )
+
+
+def set_cuda_graph(model_dir: Path, on: bool) -> None:
+    """Turn ORT's CUDA graph capture on or off in a CUDA model's genai_config.json (no-op for other providers).
+
+    With it on, ORT GenAI replays each decode step as one captured CUDA graph instead of launching every kernel
+    from the CPU; for a 135M model the launches are most of the step (bench/cuda_e2e.py measures both).
+    """
+    path = Path(model_dir) / "genai_config.json"
+    config = json.loads(path.read_text())
+    for options in config["model"]["decoder"]["session_options"].get("provider_options", []):
+        if "cuda" in options:
+            options["cuda"]["enable_cuda_graph"] = "1" if on else "0"
+    path.write_text(json.dumps(config, indent=4) + "\n")

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from stages.common import StageError, atomic_dir, dir_size_mb, load_params, main, require, write_json
-from stages.onnx_build import export_model
+from stages.onnx_build import export_model, set_cuda_graph
 from stages.onnx_lora import add_lora_inputs, peft_to_inputs, read_adapter, write_adapter
 from stages.quantize import META_FILE
 
@@ -57,6 +57,7 @@ def build_onnx(
     execution_provider: str = "cpu",
     lm_head: str = "int8",
     lora_layout: str = "branches",
+    cuda_graph: bool = False,
 ) -> dict:
     """Build `out_dir`/model (ORT GenAI) and `out_dir`/adapters/<name>.onnx_adapter for each PEFT folder.
 
@@ -78,6 +79,8 @@ def build_onnx(
             execution_provider=execution_provider,
             lm_head=lm_head,
         )
+        if execution_provider == "cuda":
+            set_cuda_graph(model_dir, cuda_graph)
         slots = add_lora_inputs(model_dir / "model.onnx", config, lora_layout) if adapters else []
         for name, folder in adapters.items():
             values = peft_to_inputs(folder, slots, switch=lora_layout == "switch")
@@ -163,6 +166,7 @@ def run(argv: list[str]) -> None:
         execution_provider=require(params, "device.execution_provider"),
         lm_head=opt.get("lm_head", "int8"),
         lora_layout=opt.get("lora_layout", "branches"),
+        cuda_graph=bool(opt.get("cuda_graph", False)),
     )
     log.info("built %s in %.0f s (%.1f MB)", OUT, info["build_seconds"], info["model_mb"])
     metrics = {

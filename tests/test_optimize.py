@@ -374,3 +374,22 @@ def test_stage_builds_model_adapters_and_metrics(tmp_path, grid_base, grid_adapt
         assert metrics["agreement"][task]["argmax_agreement"] >= 0.95
         assert abs(metrics["agreement"][task]["loss_ratio"] - 1) <= 0.02
     assert metrics["model_mb"] > 0 and metrics["build_seconds"] > 0
+
+
+def test_cuda_graph_switch_edits_only_a_cuda_models_config(built, tmp_path):
+    from stages.onnx_build import set_cuda_graph
+
+    def cuda_options(path: Path) -> list:
+        options = json.loads(path.read_text())["model"]["decoder"]["session_options"].get("provider_options", [])
+        return [o["cuda"] for o in options if "cuda" in o]
+
+    for variant in ("cuda", "lora"):
+        shutil.copytree(built[variant] / "model", tmp_path / variant, ignore=shutil.ignore_patterns("*.onnx*"))
+    config = tmp_path / "cuda" / "genai_config.json"
+    assert cuda_options(config) == [{"enable_cuda_graph": "0"}]  # what optimize writes by default
+    set_cuda_graph(tmp_path / "cuda", True)
+    assert cuda_options(config) == [{"enable_cuda_graph": "1"}]
+    before = (tmp_path / "lora" / "genai_config.json").read_text()
+    set_cuda_graph(tmp_path / "lora", True)
+    assert cuda_options(tmp_path / "lora" / "genai_config.json") == []
+    assert json.loads((tmp_path / "lora" / "genai_config.json").read_text()) == json.loads(before)
