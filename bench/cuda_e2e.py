@@ -232,7 +232,7 @@ def main() -> None:
         for graph in (False, True):
             variant = f"{layout}{'+cuda_graph' if graph else ''}"
             try:
-                measured = ort_genai(with_cuda_graph(folder, work / variant, graph), ids, names)
+                measured = ort_genai(with_cuda_graph(folder, work / "variants" / variant, graph), ids, names)
             except Exception as exc:  # e.g. a graph ORT cannot capture (control flow): record it, go on
                 measured = {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"}
             result["ort_genai"][variant] = measured

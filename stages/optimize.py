@@ -66,6 +66,11 @@ def build_onnx(
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     adapters = {name: Path(path) for name, path in adapters.items()}
     config = check_inputs(hf_dir, adapters)
+    if execution_provider == "cuda" and cuda_graph and lora_layout == "switch" and adapters:
+        raise StageError(
+            "params.yaml: optimize.lora_layout=switch adds an If node, which ORT cannot capture in a CUDA graph: "
+            "set optimize.cuda_graph=false or optimize.lora_layout=branches"
+        )
     start = time.time()
     with atomic_dir(out_dir) as tmp:
         model_dir, adapter_dir = tmp / "model", tmp / "adapters"

@@ -393,3 +393,17 @@ def test_cuda_graph_switch_edits_only_a_cuda_models_config(built, tmp_path):
     set_cuda_graph(tmp_path / "lora", True)
     assert cuda_options(tmp_path / "lora" / "genai_config.json") == []
     assert json.loads((tmp_path / "lora" / "genai_config.json").read_text()) == json.loads(before)
+
+
+def test_switch_layout_with_cuda_graph_is_refused_before_building(tmp_path, grid_base, grid_adapters):
+    with pytest.raises(StageError, match="cuda_graph=false or optimize.lora_layout=branches"):
+        build_onnx(
+            grid_base,
+            tmp_path / "out",
+            grid_adapters,
+            block_size=GROUP,
+            execution_provider="cuda",
+            lora_layout="switch",
+            cuda_graph=True,
+        )
+    assert not (tmp_path / "out").exists()
