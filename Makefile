@@ -8,7 +8,7 @@ GPU ?= 0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PYTEST_ARGS ?=
 
-.PHONY: help setup lock params repro chat test test-fast lint format clean bench-chat bench-lora \
+.PHONY: help setup lock params repro chat test test-fast lint format clean bench-chat bench-lora bench-setup bench-cpu \
         remote-up remote-down push pull
 
 help:  ## list the targets
@@ -70,6 +70,15 @@ bench-chat:  ## chat startup to a usable prompt (goal <= 2 s), tiny model
 
 bench-lora:  ## decode tok/s: plain int4 vs multi-LoRA model with no / one adapter (needs models/quantized, adapters)
 	$(BIN)/python bench/decode_lora.py
+
+LLAMA_CPP_PYTHON ?= llama-cpp-python==0.3.36
+bench-setup:  ## llama-cpp-python for bench-cpu, built from PyPI's sdist (9-45 min on 2 cores; not part of setup/CI)
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF \
+	  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF" \
+	  $(BIN)/pip install $(LLAMA_CPP_PYTHON)
+
+bench-cpu:  ## decode/TTFT: ORT GenAI (models/onnx, +adapter) vs llama.cpp Q4_0/Q4_1 vs the bandwidth bound
+	$(BIN)/python bench/cpu_vs_llama.py
 
 clean:  ## remove pipeline outputs (DVC's cache keeps them)
 	rm -rf models data/split

@@ -50,7 +50,7 @@ async def drive(app) -> list[dict]:
             started = app._reply_ids
             app.query_one(PromptInput).insert(text)
             await pilot.press("enter")
-            await until(pilot, lambda: app._reply_ids > started and app.reply is None)
+            await until(pilot, lambda started=started: app._reply_ids > started and app.reply is None)
             await app.workers.wait_for_complete()
             await pilot.pause()
             reply = app.query(AssistantMessage).last()
