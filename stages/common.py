@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+SPLITS = Path("data/split")  # written by stages/data.py: <task>/{train,eval}.jsonl
+
 log = logging.getLogger("stages")
 
 PARAMS_FILE = Path("params.yaml")

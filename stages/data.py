@@ -14,12 +14,12 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from stages.common import StageError, atomic_dir, load_params, main, require, write_json
+from stages.common import SPLITS, StageError, atomic_dir, load_params, main, require, write_json
 
 log = logging.getLogger("stages.data")
 
 DATA_DIR = Path("data")
-OUT = DATA_DIR / "split"
+OUT = SPLITS
 METRICS = Path("metrics/data.json")
 
 TRIP_KEYS = ["destination", "start_date", "end_date", "duration_days", "travelers", "budget", "interests"]

@@ -15,13 +15,22 @@ import resource
 import time
 from pathlib import Path
 
-from stages.common import check_device, dir_size_mb, load_params, main, require, write_json
+from stages.common import SPLITS, check_device, dir_size_mb, load_params, main, require, write_json
 from stages.data import score_trip_json
-from stages.lm import encode_example, eval_loss, greedy_replies, load_model, load_tokenizer, perplexity, read_jsonl
+from stages.lm import (
+    encode_example,
+    end_token,
+    eval_loss,
+    greedy_replies,
+    load_model,
+    load_tokenizer,
+    perplexity,
+    prompt_text,
+    read_jsonl,
+)
 
 log = logging.getLogger("stages.evaluate")
 
-SPLITS = Path("data/split")
 ONNX = Path("models/onnx")
 TORCH_MODELS = {"fp32": Path("models/base"), "rtn": Path("models/rtn"), "awq": Path("models/quantized")}
 METRICS = Path("metrics/eval.json")
@@ -103,22 +112,25 @@ def onnx_losses(rows: dict, max_len: int, tasks: list[str]) -> dict:
     return results
 
 
-def _ort_generate(model_dir: str, adapter: str | None, prompts: list[str], max_new_tokens: int, queue) -> None:
-    """In a fresh process: greedy replies with ORT GenAI, TTFT and decode speed on SPEED_PROMPT, peak RSS."""
+def _ort_generate(
+    model_dir: str,
+    adapter: str | None,
+    prompts: list[list[int]],
+    speed_prompt: list[int],
+    stops: list[int],
+    max_new_tokens: int,
+    queue,
+) -> None:
+    """In a fresh process that imports only ORT GenAI: greedy reply tokens for `prompts` (token ids), TTFT and decode
+    speed on `speed_prompt`, and the process's peak RSS (the tokenizer and torch stay in the parent)."""
     import onnxruntime_genai as og
-    from transformers import AutoTokenizer
 
-    from stages.lm import prompt_text
-
-    hf_tok = AutoTokenizer.from_pretrained(f"{model_dir}/model")
     model = og.Model(f"{model_dir}/model")
     adapters = og.Adapters(model)
     if adapter:
         adapters.load(f"{model_dir}/adapters/{adapter}.onnx_adapter", adapter)
-    stops = {hf_tok.convert_tokens_to_ids("<|im_end|>"), hf_tok.eos_token_id}
 
-    def run(prompt: str, new_tokens: int, stop: bool) -> tuple[list[int], list[float]]:
-        ids = hf_tok(prompt_text(hf_tok, prompt), add_special_tokens=False).input_ids
+    def run(ids: list[int], new_tokens: int, stop: bool) -> tuple[list[int], list[float]]:
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(ids) + new_tokens, do_sample=False)
         gen = og.Generator(model, params)
@@ -136,9 +148,9 @@ def _ort_generate(model_dir: str, adapter: str | None, prompts: list[str], max_n
             out.append(token)
         return out, stamps
 
-    replies = [hf_tok.decode(run(p, max_new_tokens, True)[0], skip_special_tokens=True).strip() for p in prompts]
-    run(SPEED_PROMPT, 8, False)  # warm-up
-    _, stamps = run(SPEED_PROMPT, 128, False)
+    replies = [run(ids, max_new_tokens, True)[0] for ids in prompts]
+    run(speed_prompt, 8, False)  # warm-up
+    _, stamps = run(speed_prompt, 128, False)
     queue.put(
         {
             "replies": replies,
@@ -150,12 +162,18 @@ def _ort_generate(model_dir: str, adapter: str | None, prompts: list[str], max_n
 
 
 def ort_run(adapter: str | None, prompts: list[str], max_new_tokens: int) -> dict:
-    ctx = multiprocessing.get_context("spawn")  # a fresh process: peak RSS is the ORT model's alone
+    """_ort_generate in a fresh process (spawn: the peak RSS is the ORT model's alone); replies decoded here."""
+    tok = load_tokenizer(ONNX / "model")
+    encode = lambda text: tok(prompt_text(tok, text), add_special_tokens=False).input_ids  # noqa: E731
+    stops = [end_token(tok), tok.eos_token_id]
+    ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_ort_generate, args=(str(ONNX), adapter, prompts, max_new_tokens, queue))
+    args = (str(ONNX), adapter, [encode(p) for p in prompts], encode(SPEED_PROMPT), stops, max_new_tokens, queue)
+    proc = ctx.Process(target=_ort_generate, args=args)
     proc.start()
     result = queue.get(timeout=1800)
     proc.join()
+    result["replies"] = [tok.decode(ids, skip_special_tokens=True).strip() for ids in result["replies"]]
     return result
 
 

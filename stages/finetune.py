@@ -15,13 +15,12 @@ import random
 import time
 from pathlib import Path
 
-from stages.common import atomic_dir, check_device, load_params, main, require, task_settings, write_json
+from stages.common import SPLITS, atomic_dir, check_device, load_params, main, require, task_settings, write_json
 from stages.lm import batches, encode_example, eval_loss, load_model, load_tokenizer, read_jsonl
 
 log = logging.getLogger("stages.finetune")
 
 BASE = Path("models/quantized")
-SPLITS = Path("data/split")
 
 
 def lora_model(model, s: dict):

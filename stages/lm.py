@@ -50,13 +50,13 @@ def prompt_text(tokenizer, prompt: str, system: str | None = None) -> str:
 def encode_example(tokenizer, prompt: str, response: str, max_len: int) -> tuple[list[int], list[int]]:
     """Token ids of prompt+response and labels that score the response (and its end token) only."""
     head = tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=False).input_ids
-    tail = tokenizer(response, add_special_tokens=False).input_ids + [_end_token(tokenizer)]
+    tail = tokenizer(response, add_special_tokens=False).input_ids + [end_token(tokenizer)]
     ids = (head + tail)[:max_len]
     labels = ([IGNORE] * len(head) + tail)[:max_len]
     return ids, labels
 
 
-def _end_token(tokenizer) -> int:
+def end_token(tokenizer) -> int:
     # The chat template closes a turn with its own marker (<|im_end|> for SmolLM2, <|end|> for Phi-3.5).
     for marker in ("<|im_end|>", "<|end|>", "<|eot_id|>"):
         tid = tokenizer.convert_tokens_to_ids(marker)
@@ -137,7 +137,7 @@ def greedy_replies(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
                     **enc,
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
-                    eos_token_id=[_end_token(tokenizer), tokenizer.eos_token_id],
+                    eos_token_id=[end_token(tokenizer), tokenizer.eos_token_id],
                     pad_token_id=tokenizer.pad_token_id,
                 )
             replies += tokenizer.batch_decode(out[:, enc.input_ids.shape[1] :], skip_special_tokens=True)

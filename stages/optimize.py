@@ -17,7 +17,7 @@ import logging
 import time
 from pathlib import Path
 
-from stages.common import StageError, atomic_dir, dir_size_mb, load_params, main, require, write_json
+from stages.common import SPLITS, StageError, atomic_dir, dir_size_mb, load_params, main, require, write_json
 from stages.onnx_build import export_model, set_cuda_graph
 from stages.onnx_lora import add_lora_inputs, peft_to_inputs, read_adapter, write_adapter
 from stages.quantize import META_FILE
@@ -28,7 +28,6 @@ HF_DIR = Path("models/quantized")
 ADAPTERS = Path("models/adapters")
 OUT = Path("models/onnx")
 METRICS = Path("metrics/optimize.json")
-SPLITS = Path("data/split")
 
 
 def check_inputs(hf_dir: Path, adapters: dict[str, Path]) -> dict:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from stages.common import (
+    SPLITS,
     StageError,
     atomic_dir,
     check_device,
@@ -33,7 +34,6 @@ BASE = Path("models/base")
 OUT_AWQ = Path("models/quantized")
 OUT_RTN = Path("models/rtn")
 METRICS = Path("metrics/quantize.json")
-SPLITS = Path("data/split")
 META_FILE = "int4_grid.json"
 # A broken quantization (seen with autoawq on CPU: loss 13 vs 3) is refused rather than passed downstream.
 COLLAPSE_RATIO = 2.0  # what grid the weights sit on; the optimize stage reads it
