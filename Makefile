@@ -7,6 +7,8 @@ GPU ?= 0
 # The CPU build of torch 2.13.0 ships on this kind of machine in /opt/wheels; elsewhere pip takes it from PyPI.
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PYTEST_ARGS ?=
+# dvc.yaml's stage commands call `python`: make it the venv's for every target (repro, push, pull, ...)
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: help setup lock params repro chat test test-fast lint format clean bench-chat bench-lora bench-setup bench-cpu \
         remote-up remote-down push pull

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import logging
 import multiprocessing
-import resource
 import time
 from pathlib import Path
 
@@ -156,9 +155,15 @@ def _ort_generate(
             "replies": replies,
             "ttft_ms": round(stamps[0] * 1000, 1),
             "decode_tok_s": round((len(stamps) - 1) / (stamps[-1] - stamps[0]), 1),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_rss_mb": peak_rss_mb(),
         }
     )
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM, not ru_maxrss: a spawned child's ru_maxrss keeps the forking parent's."""
+    with open("/proc/self/status") as f:
+        return round(int(next(line.split()[1] for line in f if line.startswith("VmHWM"))) / 1024, 1)
 
 
 def ort_run(adapter: str | None, prompts: list[str], max_new_tokens: int) -> dict:
