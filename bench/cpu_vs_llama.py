@@ -32,7 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from decode_lora import adapter_load_ms, cpu_name, first_step_ms, peak_rss_mb  # noqa: E402  (bench/ is on sys.path)
+from cuda_e2e import greedy  # noqa: E402  (bench/ is on sys.path)
+from decode_lora import adapter_load_ms, cpu_name, first_step_ms, peak_rss_mb  # noqa: E402
 
 PROMPT = (
     "I am planning a two-week trip through Portugal and Spain next spring with my partner. We like food, "
@@ -54,24 +55,6 @@ def threaded_copy(model_dir: Path, out: Path, threads: int) -> Path:
     config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
     (out / "genai_config.json").write_text(json.dumps(config, indent=4))
     return out
-
-
-def ort_run(model, adapters, ids: list[int], adapter: str | None, new_tokens: int) -> list[float]:
-    """Seconds from start to each token's arrival on the host (greedy, never stopping early)."""
-    import onnxruntime_genai as og
-
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(ids) + new_tokens, min_length=len(ids) + new_tokens)
-    gen = og.Generator(model, params)
-    if adapter:
-        gen.set_active_adapter(adapters, adapter)
-    stamps, start = [], time.perf_counter()
-    gen.append_tokens(ids)
-    while not gen.is_done():
-        gen.generate_next_token()
-        gen.get_next_tokens()
-        stamps.append(time.perf_counter() - start)
-    return stamps
 
 
 # --- llama.cpp ------------------------------------------------------------------------------------------------------
@@ -283,7 +266,7 @@ def main() -> None:
     def once(variant: str, new_tokens: int) -> list[float]:
         if variant.startswith("llama_"):
             return llama_run(llamas[variant], ids, new_tokens)
-        return ort_run(model, adapters, ids, None if variant == "ort_base" else args.adapter, new_tokens)
+        return greedy(model, adapters, ids, None if variant == "ort_base" else args.adapter, new_tokens)[1]
 
     variants = ["ort_base", f"ort_{args.adapter}", "llama_q4_0", "llama_q4_1"]
     for v in variants:
