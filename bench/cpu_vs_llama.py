@@ -32,29 +32,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cuda_e2e import greedy  # noqa: E402  (bench/ is on sys.path)
-from decode_lora import adapter_load_ms, cpu_name, first_step_ms, peak_rss_mb  # noqa: E402
+from cuda_e2e import greedy, linked_copy  # noqa: E402  (bench/ is on sys.path)
+from decode_lora import adapter_load_ms, cpu_name, first_step_ms, peak_rss_mb, set_threads  # noqa: E402
 
 PROMPT = (
     "I am planning a two-week trip through Portugal and Spain next spring with my partner. We like food, "
     "architecture, long walks and a little nightlife, and we would rather take trains than fly. Suggest a route "
     "that starts in Lisbon and ends in Barcelona, with how many nights to spend in each city and why."
 )
-
-
-# --- ORT GenAI ------------------------------------------------------------------------------------------------------
-
-
-def threaded_copy(model_dir: Path, out: Path, threads: int) -> Path:
-    """models/onnx/model as symlinks with its own genai_config.json pinned to `threads` intra-op threads."""
-    out.mkdir(parents=True, exist_ok=True)
-    for f in model_dir.iterdir():
-        if f.name != "genai_config.json" and not (out / f.name).exists():
-            (out / f.name).symlink_to(f.resolve())
-    config = json.loads((model_dir / "genai_config.json").read_text())
-    config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
-    (out / "genai_config.json").write_text(json.dumps(config, indent=4))
-    return out
 
 
 # --- llama.cpp ------------------------------------------------------------------------------------------------------
@@ -258,7 +243,8 @@ def main() -> None:
     q4_1 = args.gguf or shipped_gguf()
     ggufs = {"llama_q4_1": q4_1, "llama_q4_0": requantize(q4_1, args.work / "smollm2-135m-q4_0.gguf", "Q4_0")}
     scratch = Path(tempfile.mkdtemp(prefix="bench-cpu-"))
-    model = og.Model(str(threaded_copy(model_dir, scratch / "model", args.threads)))
+    set_threads(linked_copy(model_dir, scratch / "model"), args.threads)
+    model = og.Model(str(scratch / "model"))
     adapters = og.Adapters(model)
     adapters.load(str(adapter_file), args.adapter)
     llamas = {name: llama_model(path, args.threads) for name, path in ggufs.items()}

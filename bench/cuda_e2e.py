@@ -77,20 +77,25 @@ def torch_eager(model_dir: str, ids: list[int], adapter: Path | None = None) -> 
     }
 
 
-def with_cuda_graph(model_dir: Path, out: Path, on: bool) -> Path:
-    """A copy of an optimize output (symlinks, own genai_config.json) with ORT's CUDA graph capture on or off."""
-    from stages.onnx_build import set_cuda_graph
-
-    (out / "model").mkdir(parents=True, exist_ok=True)
-    for f in (model_dir / "model").iterdir():
-        target = out / "model" / f.name
+def linked_copy(model_dir: Path, out: Path) -> Path:
+    """An ORT GenAI model folder as symlinks, except a real copy of genai_config.json to edit."""
+    out.mkdir(parents=True, exist_ok=True)
+    for f in model_dir.iterdir():
+        target = out / f.name
         if f.name == "genai_config.json":
             shutil.copyfile(f, target)
         elif not target.exists():
             target.symlink_to(f.resolve())
+    return out
+
+
+def with_cuda_graph(model_dir: Path, out: Path, on: bool) -> Path:
+    """A copy of an optimize output (symlinks, own genai_config.json) with ORT's CUDA graph capture on or off."""
+    from stages.onnx_build import set_cuda_graph
+
+    set_cuda_graph(linked_copy(model_dir / "model", out / "model"), on)
     if (model_dir / "adapters").exists() and not (out / "adapters").exists():
         (out / "adapters").symlink_to((model_dir / "adapters").resolve())
-    set_cuda_graph(out / "model", on)
     return out
 
 
