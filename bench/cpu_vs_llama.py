@@ -32,8 +32,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cuda_e2e import greedy, linked_copy  # noqa: E402  (bench/ is on sys.path)
+from cuda_e2e import linked_copy  # noqa: E402  (bench/ is on sys.path)
 from decode_lora import adapter_load_ms, cpu_name, first_step_ms, peak_rss_mb, set_threads  # noqa: E402
+
+from stages.evaluate import ort_greedy  # noqa: E402
 
 PROMPT = (
     "I am planning a two-week trip through Portugal and Spain next spring with my partner. We like food, "
@@ -252,7 +254,8 @@ def main() -> None:
     def once(variant: str, new_tokens: int) -> list[float]:
         if variant.startswith("llama_"):
             return llama_run(llamas[variant], ids, new_tokens)
-        return greedy(model, adapters, ids, None if variant == "ort_base" else args.adapter, new_tokens)[1]
+        adapter = None if variant == "ort_base" else args.adapter
+        return ort_greedy(model, adapters, ids, adapter, new_tokens, exact=True)[1]
 
     variants = ["ort_base", f"ort_{args.adapter}", "llama_q4_0", "llama_q4_1"]
     for v in variants:

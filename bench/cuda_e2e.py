@@ -22,6 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from stages.evaluate import ort_greedy  # noqa: E402  (the stage's own timing loop)
+
 STAGES = [["base"], ["data"], ["quantize"], ["finetune", "travel"], ["finetune", "trip_json"], ["optimize"]]
 PROMPT = (
     "I am planning a two-week trip through Portugal and Spain next spring with my partner. We like food, "
@@ -99,25 +101,6 @@ def with_cuda_graph(model_dir: Path, out: Path, on: bool) -> Path:
     return out
 
 
-def greedy(model, adapters, ids: list[int], adapter: str | None, new_tokens: int) -> tuple[list[int], list[float]]:
-    """Greedy tokens and the time after start at which each came back to the host."""
-    import onnxruntime_genai as og
-
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + new_tokens, min_length=len(ids) + new_tokens, do_sample=False)
-    gen = og.Generator(model, params)
-    if adapter:
-        gen.set_active_adapter(adapters, adapter)
-    start = time.perf_counter()
-    gen.append_tokens(ids)
-    tokens, stamps = [], []
-    while not gen.is_done():
-        gen.generate_next_token()
-        tokens.append(int(gen.get_next_tokens()[0]))
-        stamps.append(time.perf_counter() - start)
-    return tokens, stamps
-
-
 def ort_genai(model_dir: Path, ids: list[int], names: list[str | None]) -> dict:
     """Per adapter (None = base): TTFT, decode tok/s (medians of ROUNDS), the greedy tokens; then the same
     adapters again in a switching order on the same model, to catch a captured graph that keeps the old adapter."""
@@ -130,8 +113,8 @@ def ort_genai(model_dir: Path, ids: list[int], names: list[str | None]) -> dict:
             adapters.load(str(model_dir / "adapters" / f"{name}.onnx_adapter"), name)
     result: dict = {}
     for name in names:
-        greedy(model, adapters, ids, name, 16)  # warm-up (and graph capture)
-        runs = [greedy(model, adapters, ids, name, NEW_TOKENS) for _ in range(ROUNDS)]
+        ort_greedy(model, adapters, ids, name, 16, exact=True)  # warm-up (and graph capture)
+        runs = [ort_greedy(model, adapters, ids, name, NEW_TOKENS, exact=True) for _ in range(ROUNDS)]
         stamps = [r[1] for r in runs]
         result[name or "base"] = {
             "ttft_ms": round(statistics.median(s[0] for s in stamps) * 1000, 2),
@@ -141,7 +124,8 @@ def ort_genai(model_dir: Path, ids: list[int], names: list[str | None]) -> dict:
         }
     switched = [*names[1:], *names[:1], *names[1:]]
     result["switching_gives_same_tokens"] = all(
-        greedy(model, adapters, ids, name, NEW_TOKENS)[0] == result[name or "base"]["tokens"] for name in switched
+        ort_greedy(model, adapters, ids, name, NEW_TOKENS, exact=True)[0] == result[name or "base"]["tokens"]
+        for name in switched
     )
     return result
 

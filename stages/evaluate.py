@@ -111,6 +111,32 @@ def onnx_losses(rows: dict, max_len: int, tasks: list[str]) -> dict:
     return results
 
 
+def ort_greedy(
+    model, adapters, ids: list[int], adapter: str | None, new_tokens: int, stops=(), exact: bool = False
+) -> tuple[list[int], list[float]]:
+    """Greedy decoding with ORT GenAI (the model's own end token ends it early unless `exact`): the new tokens up to,
+    not including, the first of `stops`, and the seconds from start at which each token reached the host."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    length = len(ids) + new_tokens
+    params.set_search_options(max_length=length, do_sample=False, **({"min_length": length} if exact else {}))
+    gen = og.Generator(model, params)
+    if adapter:
+        gen.set_active_adapter(adapters, adapter)
+    start = time.perf_counter()
+    gen.append_tokens(ids)
+    out, stamps = [], []
+    while not gen.is_done():
+        gen.generate_next_token()
+        token = int(gen.get_next_tokens()[0])
+        stamps.append(time.perf_counter() - start)
+        if token in stops:
+            break
+        out.append(token)
+    return out, stamps
+
+
 def _ort_generate(
     model_dir: str,
     adapter: str | None,
@@ -129,27 +155,9 @@ def _ort_generate(
     if adapter:
         adapters.load(f"{model_dir}/adapters/{adapter}.onnx_adapter", adapter)
 
-    def run(ids: list[int], new_tokens: int, stop: bool) -> tuple[list[int], list[float]]:
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + new_tokens, do_sample=False)
-        gen = og.Generator(model, params)
-        if adapter:
-            gen.set_active_adapter(adapters, adapter)
-        start = time.perf_counter()
-        gen.append_tokens(ids)
-        out, stamps = [], []
-        while not gen.is_done():
-            gen.generate_next_token()
-            token = int(gen.get_next_tokens()[0])
-            stamps.append(time.perf_counter() - start)
-            if stop and token in stops:
-                break
-            out.append(token)
-        return out, stamps
-
-    replies = [run(ids, max_new_tokens, True)[0] for ids in prompts]
-    run(speed_prompt, 8, False)  # warm-up
-    _, stamps = run(speed_prompt, 128, False)
+    replies = [ort_greedy(model, adapters, ids, adapter, max_new_tokens, stops)[0] for ids in prompts]
+    ort_greedy(model, adapters, speed_prompt, adapter, 8)  # warm-up
+    _, stamps = ort_greedy(model, adapters, speed_prompt, adapter, 128)
     queue.put(
         {
             "replies": replies,
