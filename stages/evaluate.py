@@ -177,8 +177,11 @@ def peak_rss_mb() -> float:
 def ort_run(adapter: str | None, prompts: list[str], max_new_tokens: int) -> dict:
     """_ort_generate in a fresh process (spawn: the peak RSS is the ORT model's alone); replies decoded here."""
     tok = load_tokenizer(ONNX / "model")
-    encode = lambda text: tok(prompt_text(tok, text), add_special_tokens=False).input_ids  # noqa: E731
     stops = [end_token(tok), tok.eos_token_id]
+
+    def encode(text: str) -> list[int]:
+        return tok(prompt_text(tok, text), add_special_tokens=False).input_ids
+
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     args = (str(ONNX), adapter, [encode(p) for p in prompts], encode(SPEED_PROMPT), stops, max_new_tokens, queue)

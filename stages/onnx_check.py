@@ -120,7 +120,8 @@ class OnnxLM:
             feeds[self.names["past_value_names"] % i] = empty
         feeds = {k: v for k, v in feeds.items() if k in self.float_types}  # attention_mask may be absent
         feeds.update(adapter or {})  # an adapter name the graph lacks is an error in session.run
-        feeds = {k: v.astype(self.float_types[k]) if self.float_types.get(k) else v for k, v in feeds.items()}
+        # copy=False: fp32 feeds into an fp32 graph (the adapter's 29 MB too) are passed as they are, not copied
+        feeds = {k: v.astype(t, copy=False) if (t := self.float_types.get(k)) else v for k, v in feeds.items()}
         (logits,) = self.session.run(["logits"], feeds)
         return logits[0].astype(np.float32)
 
