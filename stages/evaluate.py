@@ -9,12 +9,13 @@ Outputs: metrics/eval.json, plots/eval/*.csv.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import multiprocessing
 import time
 from pathlib import Path
 
-from stages.common import SPLITS, check_device, dir_size_mb, load_params, main, require, write_json
+from stages.common import SPLITS, StageError, check_device, dir_size_mb, load_params, main, require, write_json
 from stages.data import score_trip_json
 from stages.lm import (
     encode_example,
@@ -31,8 +32,12 @@ from stages.lm import (
 log = logging.getLogger("stages.evaluate")
 
 ONNX = Path("models/onnx")
-TORCH_MODELS = {"fp32": Path("models/base"), "rtn": Path("models/rtn"), "awq": Path("models/quantized")}
+# RTN is the quantize stage's control: its losses are in metrics/quantize.json and its dense checkpoint, not kept,
+# would have AWQ's layout and size.
+TORCH_MODELS = {"fp32": Path("models/base"), "rtn": Path("models/quantized"), "awq": Path("models/quantized")}
 METRICS = Path("metrics/eval.json")
+QUANTIZE_METRICS = Path("metrics/quantize.json")
+OPTIMIZE_METRICS = Path("metrics/optimize.json")
 PLOTS = Path("plots/eval")
 JSON_TASK = "trip_json"
 SPEED_PROMPT = (
@@ -59,13 +64,21 @@ def losses(model, tokenizer, rows: dict[str, list[dict]], max_len: int) -> dict:
 
 
 def torch_variants(rows: dict, gen_rows: list[dict], ev: dict, device: str, tasks: list[str]) -> dict:
+    """fp32, RTN and AWQ: the quantize stage's per-task losses (same rows, same max_seq_len), not recomputed here.
+    AWQ + each adapter: losses on every task (the other task's too: what an adapter costs off its task)."""
     from peft import PeftModel
 
+    done = json.loads(QUANTIZE_METRICS.read_text()).get("task_eval_loss", {}) if QUANTIZE_METRICS.exists() else {}
     results = {}
     for name, path in TORCH_MODELS.items():
-        tok, model = load_tokenizer(path), load_model(path, device)
-        results[name] = {**losses(model, tok, rows, ev["max_seq_len"]), "size_mb": dir_size_mb(path)}
-        if name != "rtn":  # RTN is the control for perplexity; its generations add minutes and no insight
+        if set(done.get(name, {})) != set(tasks):
+            raise StageError(f"{QUANTIZE_METRICS}: no per-task losses for '{name}' (run `dvc repro quantize`)")
+        results[name] = {"size_mb": dir_size_mb(path)}
+        for task in tasks:
+            loss = done[name][task]
+            results[name][f"{task}_loss"], results[name][f"{task}_ppl"] = loss, perplexity(loss)
+        if name != "rtn" and gen_rows:  # RTN is the control for perplexity; its generations add no insight
+            tok, model = load_tokenizer(path), load_model(path, device)
             replies = greedy_replies(model, tok, [r["prompt"] for r in gen_rows], ev["max_new_tokens"])
             results[name].update(json_scores(replies, gen_rows))
         log.info("%s: %s", name, results[name])
@@ -89,25 +102,58 @@ def torch_variants(rows: dict, gen_rows: list[dict], ev: dict, device: str, task
     return results
 
 
+def optimize_losses(rows: dict, tasks: list[str]) -> dict[tuple[str | None, str], float]:
+    """ONNX losses the optimize stage's agreement check already measured on the whole eval split of a task:
+    {(adapter or None, task): loss}. The base model covers every task, each adapter its own."""
+    if not OPTIMIZE_METRICS.exists():
+        return {}
+    agree = json.loads(OPTIMIZE_METRICS.read_text()).get("agreement", {})
+    found = {}
+    for task in tasks:
+        base = agree.get("base", {}).get("by_task", {}).get(task, {})
+        own = agree.get(task, {})
+        for adapter, m in ((None, base), (task, own)):
+            if m.get("rows") == len(rows[task]) and "loss_onnx" in m:
+                found[adapter, task] = m["loss_onnx"]
+    return found
+
+
+def onnx_loss(lm, tokenizer, rows: list[dict], max_len: int, adapter: dict | None = None) -> float:
+    """Mean response-token loss of `rows` under an OnnxLM (with an adapter's input values, or none)."""
+    from stages.onnx_check import _nll
+
+    total, count = 0.0, 0
+    for row in rows:
+        ids, labels = encode_example(tokenizer, row["prompt"], row["response"], max_len)
+        nll, _ = _nll(lm.logits(ids, adapter), labels)
+        total, count = total + float(nll.sum()), count + len(nll)
+    return round(total / count, 4)
+
+
 def onnx_losses(rows: dict, max_len: int, tasks: list[str]) -> dict:
-    """Held-out losses of the ONNX graph itself (onnxruntime on the same model.onnx, all positions' logits)."""
-    from stages.onnx_check import OnnxLM, _nll
+    """Held-out losses of the ONNX graph itself (onnxruntime on the same model.onnx, all positions' logits); what
+    the optimize stage measured on the same rows is taken from metrics/optimize.json."""
+    from stages.onnx_check import OnnxLM
     from stages.onnx_lora import read_adapter
 
-    tok = load_tokenizer(ONNX / "model")
-    lm = OnnxLM(ONNX / "model")
+    known = optimize_losses(rows, tasks)
+    tok, lm = None, None
     results = {}
     for adapter in [None, *tasks]:
         weights = read_adapter(ONNX / "adapters" / f"{adapter}.onnx_adapter") if adapter else None
         out = {}
         for task, task_rows in rows.items():
-            total, count = 0.0, 0
-            for row in task_rows:
-                ids, labels = encode_example(tok, row["prompt"], row["response"], max_len)
-                nll, _ = _nll(lm.logits(ids, weights), labels)
-                total, count = total + float(nll.sum()), count + len(nll)
-            out[f"{task}_loss"], out[f"{task}_ppl"] = round(total / count, 4), perplexity(total / count)
+            if (adapter, task) in known:
+                loss = known[adapter, task]
+            else:
+                if lm is None:
+                    tok, lm = load_tokenizer(ONNX / "model"), OnnxLM(ONNX / "model")
+                loss = onnx_loss(lm, tok, task_rows, max_len, weights)
+            out[f"{task}_loss"], out[f"{task}_ppl"] = loss, perplexity(loss)
         results["onnx" if adapter is None else f"onnx+{adapter}"] = out
+    log.info(
+        "ONNX losses: %d of %d (variant, task) pairs from %s", len(known), len(results) * len(rows), OPTIMIZE_METRICS
+    )
     return results
 
 
@@ -217,7 +263,9 @@ def run(argv: list[str]) -> None:
     start = time.time()
 
     results = torch_variants(rows, gen_rows, ev, device, tasks)
+    log.info("torch variants done at %.0f s", time.time() - start)
     onnx = onnx_losses(rows, ev["max_seq_len"], tasks)
+    log.info("ONNX losses done at %.0f s", time.time() - start)
     model_mb = dir_size_mb(ONNX / "model")
     for adapter in [None, *tasks]:
         name = "onnx" if adapter is None else f"onnx+{adapter}"
@@ -228,7 +276,7 @@ def run(argv: list[str]) -> None:
         onnx[name].update(ort, size_mb=round(size, 2))
         if replies:
             onnx[name].update(json_scores(replies, gen_rows))
-        log.info("%s: %s", name, onnx[name])
+        log.info("%s: %s (at %.0f s)", name, onnx[name], time.time() - start)
     results.update(onnx)
     results["seconds"] = round(time.time() - start, 1)
     write_json(METRICS, results)

@@ -101,8 +101,8 @@ def token_nll(model, batch: dict, grad: bool = False):
     return (loss if grad else float(loss)), int(keep.sum())
 
 
-def eval_loss(model, tokenizer, rows: list[dict], max_len: int, batch_size: int = 16) -> float:
-    """Mean response-token loss of `rows` under the chat template (perplexity = exp of it)."""
+def eval_nll(model, tokenizer, rows: list[dict], max_len: int, batch_size: int = 16) -> tuple[float, int]:
+    """Summed response-token loss of `rows` under the chat template, and the number of tokens scored."""
     import torch
 
     examples = [encode_example(tokenizer, r["prompt"], r["response"], max_len) for r in rows]
@@ -111,6 +111,12 @@ def eval_loss(model, tokenizer, rows: list[dict], max_len: int, batch_size: int 
         for batch in batches(examples, batch_size, tokenizer.pad_token_id):
             nll, n = token_nll(model, batch)
             total, count = total + nll, count + n
+    return total, count
+
+
+def eval_loss(model, tokenizer, rows: list[dict], max_len: int, batch_size: int = 16) -> float:
+    """Mean response-token loss of `rows` under the chat template (perplexity = exp of it)."""
+    total, count = eval_nll(model, tokenizer, rows, max_len, batch_size)
     if count == 0:
         raise StageError("no response tokens to evaluate (empty eval split or max_seq_len too small)")
     return total / count

@@ -167,6 +167,29 @@ def agreement(onnx_lm: OnnxLM, torch_model, tokenizer, rows: list[dict], max_len
         "loss_ratio": round(loss_onnx / loss_torch, 4),
         "loss_diff": round(loss_onnx - loss_torch, 4),  # the ratio of two tiny losses (a learnt format) says little
         "tokens": total,
+        "rows": len(rows),
         "logit_rms_rel": round(rms_rel, 5),
         "logit_max_rel": round(max_rel, 5),
+    }
+
+
+def pooled(parts: dict[str, dict]) -> dict:
+    """agreement() over the union of the row sets behind `parts` (token-weighted means, worst logit deviations),
+    keeping each part's ONNX loss and row count under by_task."""
+    tokens = sum(p["tokens"] for p in parts.values())
+    mean = {
+        k: sum(p[k] * p["tokens"] for p in parts.values()) / tokens
+        for k in ("argmax_agreement", "loss_onnx", "loss_torch")
+    }
+    return {
+        "argmax_agreement": round(mean["argmax_agreement"], 4),
+        "loss_onnx": round(mean["loss_onnx"], 4),
+        "loss_torch": round(mean["loss_torch"], 4),
+        "loss_ratio": round(mean["loss_onnx"] / mean["loss_torch"], 4),
+        "loss_diff": round(mean["loss_onnx"] - mean["loss_torch"], 4),
+        "tokens": tokens,
+        "rows": sum(p["rows"] for p in parts.values()),
+        "logit_rms_rel": max(p["logit_rms_rel"] for p in parts.values()),
+        "logit_max_rel": max(p["logit_max_rel"] for p in parts.values()),
+        "by_task": {task: {"loss_onnx": p["loss_onnx"], "rows": p["rows"]} for task, p in parts.items()},
     }

@@ -107,13 +107,12 @@ def torch_agreement(
     from peft import PeftModel
 
     from stages.lm import load_model, load_tokenizer
-    from stages.onnx_check import OnnxLM, agreement
+    from stages.onnx_check import OnnxLM, agreement, pooled
 
     tokenizer = load_tokenizer(hf_dir)
     onnx_lm = OnnxLM(onnx_dir / "model")
     base = load_model(hf_dir)
-    all_rows = [r for task_rows in rows.values() for r in task_rows]
-    result = {"base": agreement(onnx_lm, base, tokenizer, all_rows, max_len)}
+    result = {"base": pooled({t: agreement(onnx_lm, base, tokenizer, r, max_len) for t, r in rows.items()})}
     log.info("base: %s", result["base"])
     model = None
     for name, folder in adapters.items():
@@ -158,7 +157,7 @@ def run(argv: list[str]) -> None:
     check_device(require(params, "device.name"))
     adapters = {task: ADAPTERS / task for task in tasks}
     check_inputs(HF_DIR, adapters)
-    rows = {task: read_jsonl(SPLITS / task / "eval.jsonl")[: int(opt.get("eval_rows", 40))] for task in tasks}
+    rows = {task: read_jsonl(SPLITS / task / "eval.jsonl")[: opt.get("eval_rows")] for task in tasks}
 
     info = build_onnx(
         HF_DIR,

@@ -4,7 +4,8 @@ Both are stored "fake-quantized": dense weights that already sit on the int4 gri
 zero point per `group_size` inputs). Torch, peft and the ONNX exporter read them as an ordinary checkpoint, and
 re-quantizing to the same grid at export is exact (tests/test_quantize.py checks it), so the AWQ result survives.
 
-Outputs: models/quantized/ (AWQ), models/rtn/ (control), metrics/quantize.json.
+Outputs: models/quantized/ (AWQ), metrics/quantize.json (perplexity of fp32, RTN and AWQ; per-task eval losses).
+The RTN model is evaluated in memory and not kept.
 """
 
 from __future__ import annotations
@@ -26,13 +27,12 @@ from stages.common import (
     require,
     write_json,
 )
-from stages.lm import encode_example, eval_loss, load_model, load_tokenizer, perplexity, read_jsonl
+from stages.lm import encode_example, eval_nll, load_model, load_tokenizer, perplexity, read_jsonl
 
 log = logging.getLogger("stages.quantize")
 
 BASE = Path("models/base")
 OUT_AWQ = Path("models/quantized")
-OUT_RTN = Path("models/rtn")
 METRICS = Path("metrics/quantize.json")
 META_FILE = "int4_grid.json"
 # A broken quantization (seen with autoawq on CPU: loss 13 vs 3) is refused rather than passed downstream.
@@ -97,8 +97,9 @@ def bake(model):
     return state
 
 
-def quantize(model_dir: Path, out: Path, method: str, q: dict, group_size: int, rows: list[dict], device: str) -> None:
-    """Run AWQ or RTN on the model in `model_dir` and save the fake-quantized result to `out`."""
+def quantize(model_dir: Path, out: Path | None, method: str, q: dict, group_size: int, rows: list[dict], device: str):
+    """Run AWQ or RTN on the model in `model_dir`; save the fake-quantized result to `out` (unless None) and return it
+    as a plain model on `device`."""
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform import AWQModifier
@@ -136,19 +137,21 @@ def quantize(model_dir: Path, out: Path, method: str, q: dict, group_size: int, 
     missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
     if missing or unexpected:
         raise StageError(f"quantized weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    with atomic_dir(out) as tmp:
-        clean.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        write_json(
-            tmp / META_FILE,
-            {
-                "method": method,
-                "bits": q["bits"],
-                "group_size": group_size,
-                "symmetric": q["symmetric"],
-                "quantized": sorted(baked),
-            },
-        )
+    if out is not None:
+        with atomic_dir(out) as tmp:
+            clean.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            write_json(
+                tmp / META_FILE,
+                {
+                    "method": method,
+                    "bits": q["bits"],
+                    "group_size": group_size,
+                    "symmetric": q["symmetric"],
+                    "quantized": sorted(baked),
+                },
+            )
+    return clean.to(device).eval()
 
 
 def int4_size_mb(model_dir: Path, bits: int, group_size: int) -> float:
@@ -183,7 +186,7 @@ def run(argv: list[str]) -> None:
     group_size = require(params, "model.group_size")
     if q["bits"] != 4:
         raise StageError("params.yaml: quantize.bits must be 4 (the ONNX int4 export needs it)")
-    eval_rows = [r for t in tasks for r in read_jsonl(SPLITS / t / "eval.jsonl")]
+    eval_rows = {t: read_jsonl(SPLITS / t / "eval.jsonl") for t in tasks}
     rows = calibration_rows(tasks, require(params, "data.seed"))
     log.info(
         "calibrating AWQ on %d blocks of %d tokens from the %s training rows",
@@ -193,15 +196,25 @@ def run(argv: list[str]) -> None:
     )
 
     start = time.time()
-    quantize(BASE, OUT_AWQ, "awq", q, group_size, rows, device)
+    models = {"awq": quantize(BASE, OUT_AWQ, "awq", q, group_size, rows, device)}
     awq_seconds = time.time() - start
-    log.info("AWQ done in %.0f s; now the RTN control", awq_seconds)
-    quantize(BASE, OUT_RTN, "rtn", q, group_size, rows, device)
+    log.info(
+        "AWQ done in %.0f s; now the RTN control (measured here, not kept: evaluate reads its losses)", awq_seconds
+    )
+    models["rtn"] = quantize(BASE, None, "rtn", q, group_size, rows, device)
+    models["fp32"] = load_model(BASE, device)
 
-    losses = {}
-    for name, path in (("fp32", BASE), ("rtn", OUT_RTN), ("awq", OUT_AWQ)):
-        tok, model = load_tokenizer(path), load_model(path, device)
-        losses[name] = eval_loss(model, tok, eval_rows, max_len=require(params, "evaluate.max_seq_len"))
+    # Per task and pooled over all eval rows (token-weighted); evaluate reports the per-task ones without reloading.
+    tok = load_tokenizer(BASE)
+    losses, task_losses = {}, {}
+    for name in ("fp32", "rtn", "awq"):
+        model = models.pop(name)
+        sums = {t: eval_nll(model, tok, r, require(params, "evaluate.max_seq_len")) for t, r in eval_rows.items()}
+        count = sum(n for _, n in sums.values())
+        if count == 0:
+            raise StageError("no response tokens to evaluate (empty eval split or evaluate.max_seq_len too small)")
+        losses[name] = sum(total for total, _ in sums.values()) / count
+        task_losses[name] = {t: round(total / n, 4) for t, (total, n) in sums.items()}
         log.info("%s: eval loss %.4f, perplexity %.3f", name, losses[name], perplexity(losses[name]))
         del model
     metrics = {
@@ -212,6 +225,7 @@ def run(argv: list[str]) -> None:
         "rtn_over_fp32": round(perplexity(losses["rtn"]) / perplexity(losses["fp32"]), 4),
         "fp32_eval_loss": round(losses["fp32"], 4),
         "awq_eval_loss": round(losses["awq"], 4),
+        "task_eval_loss": task_losses,
         "seconds": round(awq_seconds, 1),
         "calib_tokens": q["calib_samples"] * q["calib_seq_len"],
         "base_mb": dir_size_mb(BASE),
@@ -219,7 +233,7 @@ def run(argv: list[str]) -> None:
     }
     log.info("awq_ppl %.3f vs rtn_ppl %.3f (fp32 %.3f)", metrics["awq_ppl"], metrics["rtn_ppl"], metrics["fp32_ppl"])
     if metrics["awq_ppl"] > COLLAPSE_RATIO * metrics["fp32_ppl"]:
-        remove_outputs(OUT_AWQ, OUT_RTN)
+        remove_outputs(OUT_AWQ)
         raise StageError(f"AWQ collapsed the model: perplexity {metrics['awq_ppl']} vs fp32 {metrics['fp32_ppl']}")
     write_json(METRICS, metrics)
 

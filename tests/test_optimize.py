@@ -169,6 +169,32 @@ def test_tiny_onnx_fixture_layout(tiny_onnx):
         adapters.load(str(tiny_onnx / "adapters" / f"{task}.onnx_adapter"), task)
 
 
+def test_agreement_onnx_loss_is_what_evaluate_would_measure(built, grid_base, torch_models):
+    """evaluate takes the ONNX losses of metrics/optimize.json instead of recomputing them: same number both ways."""
+    from stages.evaluate import onnx_loss
+    from stages.onnx_check import pooled
+
+    tokenizer = load_tokenizer(grid_base)
+    onnx_lm = OnnxLM(built["lora"] / "model")
+    halves = {"a": ROWS[: len(ROWS) // 2], "b": ROWS[len(ROWS) // 2 :]}
+    for task, model in torch_models.items():
+        weights = read_adapter(built["lora"] / "adapters" / f"{task}.onnx_adapter")
+        parts = {
+            name: agreement(onnx_lm, model, tokenizer, rows, 256, adapter=weights) for name, rows in halves.items()
+        }
+        whole = agreement(onnx_lm, model, tokenizer, ROWS, 256, adapter=weights)
+        pool = pooled(parts)
+        for name, rows in halves.items():
+            assert pool["by_task"][name] == {"loss_onnx": parts[name]["loss_onnx"], "rows": len(rows)}
+            assert onnx_loss(onnx_lm, tokenizer, rows, 256, weights) == pytest.approx(
+                parts[name]["loss_onnx"], abs=1e-4
+            )
+        # pooling the halves gives the agreement over all rows
+        for key in ("argmax_agreement", "loss_onnx", "loss_torch", "tokens", "rows"):
+            assert pool[key] == pytest.approx(whole[key], abs=2e-4), key
+        assert pool["logit_max_rel"] == whole["logit_max_rel"]
+
+
 @pytest.mark.parametrize("variant", ["lora", "switch"])
 def test_adapter_tensors_are_exactly_the_lora_inputs(built, variant):
     import onnx
