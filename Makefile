@@ -79,7 +79,7 @@ bench-setup:  ## llama-cpp-python for bench-cpu, built from PyPI's sdist (9-45 m
 	  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF" \
 	  $(BIN)/pip install $(LLAMA_CPP_PYTHON)
 
-bench-cpu:  ## decode/TTFT: ORT GenAI (models/onnx, +adapter) vs llama.cpp Q4_0/Q4_1 vs the bandwidth bound
+bench-cpu:  ## decode/TTFT: ORT GenAI (models/onnx, +adapter) vs llama.cpp Q4_0/Q4_1 (+the same adapter) vs the bandwidth bound
 	$(BIN)/python bench/cpu_vs_llama.py
 
 clean:  ## remove pipeline outputs (DVC's cache keeps them)

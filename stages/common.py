@@ -106,6 +106,12 @@ def write_json(path: Path | str, obj: Any) -> None:
     tmp.replace(path)
 
 
+def read_metrics(path: Path | str) -> dict[str, Any]:
+    """An upstream stage's metrics JSON, or {} when that stage has not written it (callers then measure themselves)."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def dir_size_mb(path: Path | str) -> float:
     """Size on disk of a file, or of every file under a folder, in MB."""
     path = Path(path)

@@ -9,13 +9,22 @@ Outputs: metrics/eval.json, plots/eval/*.csv.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import multiprocessing
 import time
 from pathlib import Path
 
-from stages.common import SPLITS, StageError, check_device, dir_size_mb, load_params, main, require, write_json
+from stages.common import (
+    SPLITS,
+    StageError,
+    check_device,
+    dir_size_mb,
+    load_params,
+    main,
+    read_metrics,
+    require,
+    write_json,
+)
 from stages.data import score_trip_json
 from stages.lm import (
     encode_example,
@@ -38,6 +47,7 @@ TORCH_MODELS = {"fp32": Path("models/base"), "rtn": Path("models/quantized"), "a
 METRICS = Path("metrics/eval.json")
 QUANTIZE_METRICS = Path("metrics/quantize.json")
 OPTIMIZE_METRICS = Path("metrics/optimize.json")
+FINETUNE_METRICS = Path("metrics/finetune")
 PLOTS = Path("plots/eval")
 JSON_TASK = "trip_json"
 SPEED_PROMPT = (
@@ -55,11 +65,12 @@ def json_scores(replies: list[str], rows: list[dict]) -> dict:
     }
 
 
-def losses(model, tokenizer, rows: dict[str, list[dict]], max_len: int) -> dict:
+def losses(model, tokenizer, rows: dict[str, list[dict]], max_len: int, known: dict[str, float]) -> dict:
+    """Loss and perplexity per task; tasks in `known` take that loss instead of being measured again."""
     out = {}
     for task, task_rows in rows.items():
-        loss = eval_loss(model, tokenizer, task_rows, max_len)
-        out[f"{task}_loss"], out[f"{task}_ppl"] = round(loss, 4), perplexity(loss)
+        loss = known[task] if task in known else round(eval_loss(model, tokenizer, task_rows, max_len), 4)
+        out[f"{task}_loss"], out[f"{task}_ppl"] = loss, perplexity(loss)
     return out
 
 
@@ -68,7 +79,7 @@ def torch_variants(rows: dict, gen_rows: list[dict], ev: dict, device: str, task
     AWQ + each adapter: losses on every task (the other task's too: what an adapter costs off its task)."""
     from peft import PeftModel
 
-    done = json.loads(QUANTIZE_METRICS.read_text()).get("task_eval_loss", {}) if QUANTIZE_METRICS.exists() else {}
+    done = read_metrics(QUANTIZE_METRICS).get("task_eval_loss", {})
     results = {}
     for name, path in TORCH_MODELS.items():
         if set(done.get(name, {})) != set(tasks):
@@ -94,7 +105,10 @@ def torch_variants(rows: dict, gen_rows: list[dict], ev: dict, device: str, task
         peft_model.set_adapter(task)
         peft_model.eval()
         name = f"awq+{task}"
-        results[name] = {**losses(peft_model, tok, rows, ev["max_seq_len"]), "size_mb": dir_size_mb(folder)}
+        # the own task's loss is the finetune stage's (same rows, evaluate.max_seq_len); the other tasks' are new
+        own = read_metrics(FINETUNE_METRICS / f"{task}.json")
+        known = {task: own["adapter_eval_loss"]} if own.get("eval_rows") == len(rows[task]) else {}
+        results[name] = {**losses(peft_model, tok, rows, ev["max_seq_len"], known), "size_mb": dir_size_mb(folder)}
         if task == JSON_TASK:
             replies = greedy_replies(peft_model, tok, [r["prompt"] for r in gen_rows], ev["max_new_tokens"])
             results[name].update(json_scores(replies, gen_rows))
@@ -105,9 +119,7 @@ def torch_variants(rows: dict, gen_rows: list[dict], ev: dict, device: str, task
 def optimize_losses(rows: dict, tasks: list[str]) -> dict[tuple[str | None, str], float]:
     """ONNX losses the optimize stage's agreement check already measured on the whole eval split of a task:
     {(adapter or None, task): loss}. The base model covers every task, each adapter its own."""
-    if not OPTIMIZE_METRICS.exists():
-        return {}
-    agree = json.loads(OPTIMIZE_METRICS.read_text()).get("agreement", {})
+    agree = read_metrics(OPTIMIZE_METRICS).get("agreement", {})
     found = {}
     for task in tasks:
         base = agree.get("base", {}).get("by_task", {}).get(task, {})

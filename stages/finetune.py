@@ -15,12 +15,23 @@ import random
 import time
 from pathlib import Path
 
-from stages.common import SPLITS, atomic_dir, check_device, load_params, main, require, task_settings, write_json
+from stages.common import (
+    SPLITS,
+    atomic_dir,
+    check_device,
+    load_params,
+    main,
+    read_metrics,
+    require,
+    task_settings,
+    write_json,
+)
 from stages.lm import batches, encode_example, eval_loss, load_model, load_tokenizer, read_jsonl
 
 log = logging.getLogger("stages.finetune")
 
 BASE = Path("models/quantized")
+QUANTIZE_METRICS = Path("metrics/quantize.json")
 
 
 def lora_model(model, s: dict):
@@ -77,8 +88,9 @@ def train(model, tokenizer, rows: list[dict], s: dict) -> list[tuple[int, float]
     return curve
 
 
-def finetune(task: str, s: dict, device: str, base: Path, splits: Path, out: Path):
-    """Train one adapter into `out`; return its metrics and the (step, loss) curve."""
+def finetune(task: str, s: dict, device: str, base: Path, splits: Path, out: Path, base_loss: float | None = None):
+    """Train one adapter into `out`; return its metrics and the (step, loss) curve. `base_loss`: the quantized
+    model's eval loss on this task when already measured (the quantize stage's metrics), else measured here."""
     import torch
 
     train_rows = read_jsonl(splits / task / "train.jsonl")
@@ -87,9 +99,9 @@ def finetune(task: str, s: dict, device: str, base: Path, splits: Path, out: Pat
     tokenizer = load_tokenizer(base)
     model = load_model(base, device)
     metrics: dict = {"task": task, "train_rows": len(train_rows), "eval_rows": len(eval_rows)}
-    metrics["base_eval_loss"] = round(
-        eval_loss(model, tokenizer, eval_rows, s["eval_max_seq_len"], s["eval_batch_size"]), 4
-    )
+    if base_loss is None:
+        base_loss = eval_loss(model, tokenizer, eval_rows, s["eval_max_seq_len"], s["eval_batch_size"])
+    metrics["base_eval_loss"] = round(base_loss, 4)
     log.info("%s: quantized base eval loss %.4f; training %d steps", task, metrics["base_eval_loss"], s["max_steps"])
 
     start = time.time()
@@ -112,6 +124,11 @@ def finetune(task: str, s: dict, device: str, base: Path, splits: Path, out: Pat
     return metrics, curve
 
 
+def measured_base_loss(task: str) -> float | None:
+    """The quantize stage's eval loss of the quantized model on `task` (same rows, evaluate.max_seq_len), if any."""
+    return read_metrics(QUANTIZE_METRICS).get("task_eval_loss", {}).get("awq", {}).get(task)
+
+
 @main
 def run(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m stages.finetune")
@@ -122,7 +139,7 @@ def run(argv: list[str]) -> None:
     device = check_device(require(params, "device.name"))
     out = Path("models/adapters") / task
     s["eval_max_seq_len"] = require(params, "evaluate.max_seq_len")
-    metrics, curve = finetune(task, s, device, BASE, SPLITS, out)
+    metrics, curve = finetune(task, s, device, BASE, SPLITS, out, measured_base_loss(task))
     write_json(Path("metrics/finetune") / f"{task}.json", metrics)
     plot = Path("plots/finetune") / f"{task}.csv"
     plot.parent.mkdir(parents=True, exist_ok=True)
