@@ -311,7 +311,7 @@ def main() -> None:
     peft_dir = args.peft / args.adapter
     if not (peft_dir / "adapter_config.json").exists():
         raise SystemExit(f"{peft_dir}: no PEFT adapter (run `dvc repro finetune`)")
-    hf_config = json.loads((args.hf_config).read_text())
+    hf_config = json.loads(args.hf_config.read_text())
     lora = lora_gguf(peft_dir, hf_config, args.work / f"lora-{args.adapter}.gguf")
     scratch = Path(tempfile.mkdtemp(prefix="bench-cpu-"))
     set_threads(linked_copy(model_dir, scratch / "model"), args.threads)

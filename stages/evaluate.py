@@ -65,11 +65,10 @@ def json_scores(replies: list[str], rows: list[dict]) -> dict:
     }
 
 
-def losses(model, tokenizer, rows: dict[str, list[dict]], max_len: int, known: dict[str, float]) -> dict:
-    """Loss and perplexity per task; tasks in `known` take that loss instead of being measured again."""
+def loss_entries(task_losses: dict[str, float]) -> dict:
+    """{task}_loss and {task}_ppl for each task's mean loss: the metric names every variant reports."""
     out = {}
-    for task, task_rows in rows.items():
-        loss = known[task] if task in known else round(eval_loss(model, tokenizer, task_rows, max_len), 4)
+    for task, loss in task_losses.items():
         out[f"{task}_loss"], out[f"{task}_ppl"] = loss, perplexity(loss)
     return out
 
@@ -84,10 +83,7 @@ def torch_variants(rows: dict, gen_rows: list[dict], ev: dict, device: str, task
     for name, path in TORCH_MODELS.items():
         if set(done.get(name, {})) != set(tasks):
             raise StageError(f"{QUANTIZE_METRICS}: no per-task losses for '{name}' (run `dvc repro quantize`)")
-        results[name] = {"size_mb": dir_size_mb(path)}
-        for task in tasks:
-            loss = done[name][task]
-            results[name][f"{task}_loss"], results[name][f"{task}_ppl"] = loss, perplexity(loss)
+        results[name] = {**loss_entries({t: done[name][t] for t in tasks}), "size_mb": dir_size_mb(path)}
         if name != "rtn" and gen_rows:  # RTN is the control for perplexity; its generations add no insight
             tok, model = load_tokenizer(path), load_model(path, device)
             replies = greedy_replies(model, tok, [r["prompt"] for r in gen_rows], ev["max_new_tokens"])
@@ -108,7 +104,11 @@ def torch_variants(rows: dict, gen_rows: list[dict], ev: dict, device: str, task
         # the own task's loss is the finetune stage's (same rows, evaluate.max_seq_len); the other tasks' are new
         own = read_metrics(FINETUNE_METRICS / f"{task}.json")
         known = {task: own["adapter_eval_loss"]} if own.get("eval_rows") == len(rows[task]) else {}
-        results[name] = {**losses(peft_model, tok, rows, ev["max_seq_len"], known), "size_mb": dir_size_mb(folder)}
+        measured = {
+            t: known[t] if t in known else round(eval_loss(peft_model, tok, r, ev["max_seq_len"]), 4)
+            for t, r in rows.items()
+        }
+        results[name] = {**loss_entries(measured), "size_mb": dir_size_mb(folder)}
         if task == JSON_TASK:
             replies = greedy_replies(peft_model, tok, [r["prompt"] for r in gen_rows], ev["max_new_tokens"])
             results[name].update(json_scores(replies, gen_rows))
@@ -153,16 +153,15 @@ def onnx_losses(rows: dict, max_len: int, tasks: list[str]) -> dict:
     results = {}
     for adapter in [None, *tasks]:
         weights = read_adapter(ONNX / "adapters" / f"{adapter}.onnx_adapter") if adapter else None
-        out = {}
+        measured = {}
         for task, task_rows in rows.items():
             if (adapter, task) in known:
-                loss = known[adapter, task]
-            else:
-                if lm is None:
-                    tok, lm = load_tokenizer(ONNX / "model"), OnnxLM(ONNX / "model")
-                loss = onnx_loss(lm, tok, task_rows, max_len, weights)
-            out[f"{task}_loss"], out[f"{task}_ppl"] = loss, perplexity(loss)
-        results["onnx" if adapter is None else f"onnx+{adapter}"] = out
+                measured[task] = known[adapter, task]
+                continue
+            if lm is None:
+                tok, lm = load_tokenizer(ONNX / "model"), OnnxLM(ONNX / "model")
+            measured[task] = onnx_loss(lm, tok, task_rows, max_len, weights)
+        results["onnx" if adapter is None else f"onnx+{adapter}"] = loss_entries(measured)
     log.info(
         "ONNX losses: %d of %d (variant, task) pairs from %s", len(known), len(results) * len(rows), OPTIMIZE_METRICS
     )

@@ -195,28 +195,30 @@ def run(argv: list[str]) -> None:
         "+".join(tasks),
     )
 
-    start = time.time()
-    models = {"awq": quantize(BASE, OUT_AWQ, "awq", q, group_size, rows, device)}
-    awq_seconds = time.time() - start
-    log.info(
-        "AWQ done in %.0f s; now the RTN control (measured here, not kept: evaluate reads its losses)", awq_seconds
-    )
-    models["rtn"] = quantize(BASE, None, "rtn", q, group_size, rows, device)
-    models["fp32"] = load_model(BASE, device)
-
-    # Per task and pooled over all eval rows (token-weighted); evaluate reports the per-task ones without reloading.
-    tok = load_tokenizer(BASE)
+    max_len = require(params, "evaluate.max_seq_len")
     losses, task_losses = {}, {}
-    for name in ("fp32", "rtn", "awq"):
-        model = models.pop(name)
-        sums = {t: eval_nll(model, tok, r, require(params, "evaluate.max_seq_len")) for t, r in eval_rows.items()}
+
+    def measure(name: str, model) -> None:
+        """Eval loss per task and pooled over all eval rows (token-weighted); evaluate reports the per-task ones."""
+        sums = {t: eval_nll(model, tok, r, max_len) for t, r in eval_rows.items()}
         count = sum(n for _, n in sums.values())
         if count == 0:
             raise StageError("no response tokens to evaluate (empty eval split or evaluate.max_seq_len too small)")
         losses[name] = sum(total for total, _ in sums.values()) / count
         task_losses[name] = {t: round(total / n, 4) for t, (total, n) in sums.items()}
         log.info("%s: eval loss %.4f, perplexity %.3f", name, losses[name], perplexity(losses[name]))
-        del model
+
+    # One model in memory at a time (a 3.8B fp32 model is 15 GB).
+    tok = load_tokenizer(BASE)
+    start = time.time()
+    awq = quantize(BASE, OUT_AWQ, "awq", q, group_size, rows, device)
+    awq_seconds = time.time() - start
+    log.info("AWQ done in %.0f s", awq_seconds)
+    measure("awq", awq)
+    del awq
+    log.info("now the RTN control (measured here, not kept: evaluate reads its losses)")
+    measure("rtn", quantize(BASE, None, "rtn", q, group_size, rows, device))
+    measure("fp32", load_model(BASE, device))
     metrics = {
         "fp32_ppl": perplexity(losses["fp32"]),
         "rtn_ppl": perplexity(losses["rtn"]),
