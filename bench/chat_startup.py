@@ -5,7 +5,7 @@ and the time to "ready" are reported beside it, not counted. Each sample is a fr
 run headless at 120x40: the clock starts in the parent just before the spawn and stops once a typed key has
 landed in the focused prompt. Baseline, measured in the same run: a bare Textual app with one TextArea.
 
-    python bench/chat_startup.py [--model DIR | --tiny] [--runs 5]
+    python -m bench.chat_startup [--model DIR | --tiny] [--runs 5]
 
 Prints the numbers and writes bench/results/chat_startup.json.
 """
@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results" / "chat_startup.json"
 GOAL_S = 2.0
 SIZE = (120, 40)
@@ -85,15 +84,13 @@ def tiny_model(workdir: Path) -> Path:
     """The tests' tiny model (random 2-layer Llama, int4 ONNX, two random adapters): seconds to build."""
     import yaml
 
-    from stages.base import materialize
-    from stages.optimize import build_onnx
-    from tests.conftest import make_random_adapter
+    from olive_lab.base_model import materialize
+    from olive_lab.lora import random_adapter
+    from olive_lab.onnx.export import build_onnx
 
     base = workdir / "base"
     materialize(yaml.safe_load((ROOT / "conf/model/tiny.yaml").read_text()), base)
-    adapters = {
-        name: make_random_adapter(base, workdir / name, seed) for seed, name in enumerate(["travel", "trip_json"])
-    }
+    adapters = {name: random_adapter(base, workdir / name, seed) for seed, name in enumerate(["travel", "trip_json"])}
     build_onnx(
         base, workdir / "onnx", adapters, precision="int4", block_size=32, accuracy_level=4, execution_provider="cpu"
     )
@@ -122,7 +119,7 @@ def main() -> None:
         else:
             from chat.engine import EngineError, model_files
             from chat.settings import from_params
-            from stages.common import load_params
+            from olive_lab.params import load_params
 
             model = args.model or str(from_params(load_params()).model_dir)
             try:

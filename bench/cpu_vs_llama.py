@@ -1,7 +1,7 @@
 """CPU decode: our ORT GenAI int4 model (with and without an adapter) against llama.cpp and the memory-bandwidth bound.
 
     make bench-setup     # once: builds llama-cpp-python from PyPI (9-45 min on 2 cores)
-    .venv/bin/python bench/cpu_vs_llama.py [--threads 2] [--rounds 7] [--new-tokens 128]
+    python -m bench.cpu_vs_llama [--threads 2] [--rounds 7] [--new-tokens 128]
 
 In one run, interleaved A/B/A/B (the order flips every round, so machine noise hits every variant alike):
   ort_base       models/onnx, no adapter               (ORT GenAI, intra-op threads = --threads)
@@ -25,19 +25,15 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+from olive_lab.decode import adapter_load_ms, cpu_name, first_step_ms, linked_copy, ort_greedy, set_threads
+from olive_lab.decode import model_peak_rss_mb as peak_rss_mb
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from cuda_e2e import linked_copy  # noqa: E402  (bench/ is on sys.path)
-from decode_lora import adapter_load_ms, cpu_name, first_step_ms, peak_rss_mb, set_threads  # noqa: E402
-
-from stages.evaluate import ort_greedy  # noqa: E402
 
 PROMPT = (
     "I am planning a two-week trip through Portugal and Spain next spring with my partner. We like food, "
@@ -212,7 +208,7 @@ def profile_decode(model_dir: Path, adapter_file: Path | None, threads: int, pas
     import numpy as np
     import onnxruntime as ort
 
-    from stages.onnx_lora import read_adapter
+    from olive_lab.onnx.lora import read_adapter
 
     config = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
     opts = ort.SessionOptions()
@@ -296,7 +292,7 @@ def main() -> None:
     import onnxruntime_genai as og
     from transformers import AutoTokenizer
 
-    from stages.lm import prompt_text
+    from olive_lab.lm import prompt_text
 
     model_dir = args.model / "model"
     adapter_file = args.model / "adapters" / f"{args.adapter}.onnx_adapter"

@@ -1,9 +1,9 @@
 """device=cuda end to end on a GPU machine: stage timings, ORT GenAI (CUDA) against torch eager, a scripted chat.
 
 Run from the repository root on the GPU machine, with params.yaml composed for the GPU
-(`python -m stages.params device=cuda`), onnxruntime-gpu + onnxruntime-genai-cuda installed (`make setup GPU=1`):
+(`python -m tools.params device=cuda`), onnxruntime-gpu + onnxruntime-genai-cuda installed (`make setup GPU=1`):
 
-    python bench/cuda_e2e.py [--skip-stages] [--out bench/results/<date>-cuda.json]
+    python -m bench.cuda_e2e [--skip-stages] [--out bench/results/<date>-cuda.json]
 
 Baseline in the same run: torch eager `generate` (bf16, the quantized model's weights) on the same GPU.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import subprocess
 import sys
@@ -20,9 +19,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from stages.evaluate import ort_greedy  # noqa: E402  (the stage's own timing loop)
+from olive_lab.decode import linked_copy, ort_greedy  # the evaluate stage's own timing loop
 
 STAGES = [["base"], ["data"], ["quantize"], ["finetune", "travel"], ["finetune", "trip_json"], ["optimize"]]
 PROMPT = (
@@ -79,21 +76,9 @@ def torch_eager(model_dir: str, ids: list[int], adapter: Path | None = None) -> 
     }
 
 
-def linked_copy(model_dir: Path, out: Path) -> Path:
-    """An ORT GenAI model folder as symlinks, except a real copy of genai_config.json to edit."""
-    out.mkdir(parents=True, exist_ok=True)
-    for f in model_dir.iterdir():
-        target = out / f.name
-        if f.name == "genai_config.json":
-            shutil.copyfile(f, target)
-        elif not target.exists():
-            target.symlink_to(f.resolve())
-    return out
-
-
 def with_cuda_graph(model_dir: Path, out: Path, on: bool) -> Path:
     """A copy of an optimize output (symlinks, own genai_config.json) with ORT's CUDA graph capture on or off."""
-    from stages.onnx_build import set_cuda_graph
+    from olive_lab.onnx.build import set_cuda_graph
 
     set_cuda_graph(linked_copy(model_dir / "model", out / "model"), on)
     if (model_dir / "adapters").exists() and not (out / "adapters").exists():
@@ -169,7 +154,7 @@ def build_variants(root: Path) -> dict[str, Path]:
     """The stage's model (multi-LoRA branches) plus, for comparison, the plain model and the `switch` layout."""
     import yaml
 
-    from stages.optimize import build_onnx
+    from olive_lab.onnx.export import build_onnx
 
     opt = yaml.safe_load(Path("params.yaml").read_text())["optimize"]
     common = dict(
@@ -204,7 +189,7 @@ def main() -> None:
         result["stage_seconds"] = run_stages()
     from transformers import AutoTokenizer
 
-    from stages.lm import prompt_text
+    from olive_lab.lm import prompt_text
 
     tok = AutoTokenizer.from_pretrained("models/quantized")
     ids = tok(prompt_text(tok, PROMPT), add_special_tokens=False).input_ids

@@ -1,6 +1,6 @@
 """Decode speed of multi-LoRA ONNX vs the plain int4 model, and adapter load time (ORT GenAI, CPU).
 
-    .venv/bin/python bench/decode_lora.py [--hf-dir models/quantized] [--tokens 64] [--rounds 5]
+    python -m bench.decode_lora [--hf-dir models/quantized] [--tokens 64] [--rounds 5]
 
 Builds, in a scratch folder, the plain int4 model (no LoRA inputs) and the multi-LoRA model from the same HF folder,
 then decodes the same prompt greedily, round-robin so machine noise hits every variant alike:
@@ -17,16 +17,15 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from olive_lab.decode import adapter_load_ms, cpu_name, first_step_ms, set_threads
+from olive_lab.decode import model_peak_rss_mb as peak_rss_mb
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 PROMPT = "Plan a three-day trip to Lisbon for a family with two kids, with a day-by-day list of places to visit."
 
@@ -49,65 +48,6 @@ def decode_tok_s(model, tokenizer, adapters, name: str | None, tokens: int) -> f
     return (tokens - 1) / (time.perf_counter() - start)
 
 
-def first_step_ms(model, adapters, name: str | None, repeats: int) -> list[float]:
-    """New generator, adapter activated, one token in: what a switch costs before decoding starts."""
-    import onnxruntime_genai as og
-
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=16)
-        gen = og.Generator(model, params)
-        if name:
-            gen.set_active_adapter(adapters, name)
-        gen.append_tokens([1])
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
-
-
-def peak_rss_mb(model_dir: Path) -> float:
-    # VmHWM, not ru_maxrss: the latter counts the forking parent's size too
-    code = (
-        "import sys, onnxruntime_genai as og\n"
-        "m = og.Model(sys.argv[1]); p = og.GeneratorParams(m); p.set_search_options(max_length=8)\n"
-        "g = og.Generator(m, p); g.append_tokens([1, 2, 3]); g.generate_next_token()\n"
-        "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code, str(model_dir)], capture_output=True, text=True, check=True)
-    return round(int(out.stdout.split()[-1]) / 1024, 1)
-
-
-def set_threads(model_dir: Path, threads: int) -> None:
-    config_file = model_dir / "genai_config.json"
-    config = json.loads(config_file.read_text())
-    options = config["model"]["decoder"]["session_options"]
-    options.pop("intra_op_num_threads", None)
-    if threads:
-        options["intra_op_num_threads"] = threads
-    config_file.write_text(json.dumps(config, indent=4))
-
-
-def adapter_load_ms(model, path: Path, repeats: int) -> list[float]:
-    import onnxruntime_genai as og
-
-    times = []
-    for i in range(repeats):
-        adapters = og.Adapters(model)
-        start = time.perf_counter()
-        adapters.load(str(path), f"a{i}")
-        times.append((time.perf_counter() - start) * 1e3)
-        del adapters
-    return times
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
-
-
 def dir_mb(path: Path) -> float:
     return round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6, 2)
 
@@ -116,7 +56,7 @@ def build_both(args) -> tuple:
     """The plain and the multi-LoRA int4 model from the same HF folder, with the pipeline's own settings."""
     import yaml
 
-    from stages.optimize import build_onnx
+    from olive_lab.onnx.export import build_onnx
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     hf_dir = args.hf_dir or next(p for p in (ROOT / "models/quantized", ROOT / "models/base") if p.exists())
@@ -126,11 +66,10 @@ def build_both(args) -> tuple:
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-lora-"))
     adapters = {t: ROOT / "models/adapters" / t for t in args.tasks}
     if not all((p / "adapter_config.json").exists() for p in adapters.values()):
-        sys.path.insert(0, str(ROOT / "tests"))
-        from conftest import make_random_adapter
+        from olive_lab.lora import random_adapter
 
         print(f"no trained adapters in models/adapters: making random r=16 ones on {hf_dir}")
-        adapters = {t: make_random_adapter(hf_dir, work / "peft" / t, seed, r=16) for seed, t in enumerate(args.tasks)}
+        adapters = {t: random_adapter(hf_dir, work / "peft" / t, seed, r=16) for seed, t in enumerate(args.tasks)}
     opts = dict(
         precision="int4",
         block_size=block,

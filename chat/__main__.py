@@ -28,7 +28,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def build_app(args: argparse.Namespace):
     """Everything that can fail without a screen, checked before the UI starts."""
-    from stages.common import StageError, load_params
+    from olive_lab.errors import StageError
+    from olive_lab.params import load_params
 
     try:
         settings = from_params(load_params(args.params), args.params)

@@ -1,243 +1,31 @@
-"""Stage quantize: AWQ int4 with llm-compressor, plus plain round-to-nearest (RTN) int4 as the control.
-
-Both are stored "fake-quantized": dense weights that already sit on the int4 grid (asymmetric min/max, one scale and
-zero point per `group_size` inputs). Torch, peft and the ONNX exporter read them as an ordinary checkpoint, and
-re-quantizing to the same grid at export is exact (tests/test_quantize.py checks it), so the AWQ result survives.
-
-Outputs: models/quantized/ (AWQ), metrics/quantize.json (perplexity of fp32, RTN and AWQ; per-task eval losses).
-The RTN model is evaluated in memory and not kept.
-"""
+"""Stage quantize: AWQ int4 (models/quantized/) and the RTN control, each against fp32 (metrics/quantize.json)."""
 
 from __future__ import annotations
 
-import logging
-import random
-import time
-from pathlib import Path
-
-from stages.common import (
-    SPLITS,
-    StageError,
-    atomic_dir,
-    check_device,
-    dir_size_mb,
-    load_params,
-    main,
-    remove_outputs,
-    require,
-    write_json,
-)
-from stages.lm import encode_example, eval_nll, load_model, load_tokenizer, perplexity, read_jsonl
-
-log = logging.getLogger("stages.quantize")
-
-BASE = Path("models/base")
-OUT_AWQ = Path("models/quantized")
-METRICS = Path("metrics/quantize.json")
-META_FILE = "int4_grid.json"
-# A broken quantization (seen with autoawq on CPU: loss 13 vs 3) is refused rather than passed downstream.
-COLLAPSE_RATIO = 2.0  # what grid the weights sit on; the optimize stage reads it
+from olive_lab import paths
+from olive_lab.cli import entry_point
+from olive_lab.device import check_device
+from olive_lab.files import write_json
+from olive_lab.params import load_params, require
+from olive_lab.quantize import compare_quantizers
 
 
-def _cpu_safe_llmcompressor() -> None:
-    """llm-compressor pins cached activations for faster host-to-GPU copies; pin_memory crashes without CUDA."""
-    import torch
-    from llmcompressor.pipelines.cache import IntermediatesCache
-
-    if not torch.cuda.is_available():
-        IntermediatesCache._pin_intermediate = classmethod(lambda cls, intermediate: None)
-
-
-def scheme(bits: int, group_size: int, symmetric: bool):
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-
-    args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy="group", group_size=group_size)
-    return {"group_0": QuantizationScheme(targets=["Linear"], weights=args)}
-
-
-def calibration_rows(tasks: list[str], seed: int) -> list[dict]:
-    """Training rows of every task, shuffled and interleaved (our own data, never a hub dataset)."""
-    per_task = [read_jsonl(SPLITS / t / "train.jsonl") for t in tasks]
-    rng = random.Random(seed)
-    for rows in per_task:
-        rng.shuffle(rows)
-    return [row for group in zip(*per_task, strict=False) for row in group]
-
-
-def calibration_dataset(tokenizer, rows: list[dict], seq_len: int, samples: int):
-    """Chat-formatted rows joined into one token stream and cut into `samples` blocks of `seq_len` tokens.
-
-    Equal-length blocks need no padding, so llm-compressor can run them as one batch: on CPU that is several times
-    faster than one sample at a time, and each block sees several examples.
-    """
-    from datasets import Dataset
-
-    stream = [t for r in rows for t in encode_example(tokenizer, r["prompt"], r["response"], 10**6)[0]]
-    blocks = [stream[i : i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)][:samples]
-    if len(blocks) < samples:
-        raise StageError(f"calibration data has {len(stream)} tokens: too few for {samples} blocks of {seq_len}")
-    return Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * seq_len for _ in blocks]})
-
-
-def bake(model):
-    """Replace each quantized Linear's weight by its fake-quantized value; return a plain state dict."""
-    import torch
-    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
-
-    state = {}
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            qscheme = getattr(module, "quantization_scheme", None)
-            if qscheme is None or qscheme.weights is None or not hasattr(module, "weight_scale"):
-                continue
-            zero = getattr(module, "weight_zero_point", None)
-            state[f"{name}.weight"] = fake_quantize(module.weight, module.weight_scale, zero, qscheme.weights).clone()
-    if not state:
-        raise StageError("llm-compressor quantized no Linear layer (check quantize params and the model type)")
-    return state
-
-
-def quantize(model_dir: Path, out: Path | None, method: str, q: dict, group_size: int, rows: list[dict], device: str):
-    """Run AWQ or RTN on the model in `model_dir`; save the fake-quantized result to `out` (unless None) and return it
-    as a plain model on `device`."""
-    from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import QuantizationModifier
-    from llmcompressor.modifiers.transform import AWQModifier
-
-    _cpu_safe_llmcompressor()
-    tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir, device)
-    groups = scheme(q["bits"], group_size, q["symmetric"])
-    if method == "awq":
-        # AWQ searches and folds the scales; the QuantizationModifier after it puts the weights on the grid.
-        recipe = [AWQModifier(n_grid=q["n_grid"]), QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
-        data = calibration_dataset(tokenizer, rows, q["calib_seq_len"], q["calib_samples"])
-        oneshot(
-            model=model,
-            recipe=recipe,
-            dataset=data,
-            num_calibration_samples=len(data),
-            max_seq_length=q["calib_seq_len"],
-            batch_size=len(data),
-            shuffle_calibration_samples=False,
-            pipeline="sequential",
-        )
-    elif method == "rtn":
-        oneshot(model=model, recipe=QuantizationModifier(config_groups=groups, ignore=["lm_head"]))
-    else:
-        raise StageError(
-            f"params.yaml: quantize.method must be 'awq' (RTN is always written as the control), not '{method}'"
-        )
-    baked = bake(model)
-    # A fresh model (no quantization hooks) with AWQ's smoothed norms and the fake-quantized Linear weights.
-    clean = load_model(model_dir, "cpu")
-    state = {k: v for k, v in model.state_dict().items() if k in clean.state_dict()}
-    state.update(baked)
-    missing, unexpected = clean.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
-    if missing or unexpected:
-        raise StageError(f"quantized weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    if out is not None:
-        with atomic_dir(out) as tmp:
-            clean.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            write_json(
-                tmp / META_FILE,
-                {
-                    "method": method,
-                    "bits": q["bits"],
-                    "group_size": group_size,
-                    "symmetric": q["symmetric"],
-                    "quantized": sorted(baked),
-                },
-            )
-    return clean.to(device).eval()
-
-
-def int4_size_mb(model_dir: Path, bits: int, group_size: int) -> float:
-    """Size the model would have packed: int4 Linear weights + fp16 scale and zero point per group, the rest fp16."""
-    from safetensors import safe_open
-
-    meta = quantized_layers(model_dir)
-    total = 0.0
-    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
-        for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-            n = f.get_slice(key).get_shape()
-            numel = 1
-            for d in n:
-                numel *= d
-            total += numel * bits / 8 + numel / group_size * 4 if key in meta else numel * 2
-    return round(total / 1e6, 2)
-
-
-def quantized_layers(model_dir: Path) -> set[str]:
-    """Names of the weights the quantize stage put on the int4 grid (from its int4_grid.json)."""
-    import json
-
-    return set(json.loads((model_dir / META_FILE).read_text())["quantized"])
-
-
-@main
+@entry_point
 def run(argv: list[str]) -> None:
-    params = load_params()
-    q = require(params, "quantize")
-    device = check_device(require(params, "device.name"))
-    tasks = require(params, "tasks")
-    group_size = require(params, "model.group_size")
-    if q["bits"] != 4:
-        raise StageError("params.yaml: quantize.bits must be 4 (the ONNX int4 export needs it)")
-    eval_rows = {t: read_jsonl(SPLITS / t / "eval.jsonl") for t in tasks}
-    rows = calibration_rows(tasks, require(params, "data.seed"))
-    log.info(
-        "calibrating AWQ on %d blocks of %d tokens from the %s training rows",
-        q["calib_samples"],
-        q["calib_seq_len"],
-        "+".join(tasks),
+    params = load_params(paths.PARAMS_FILE)
+    metrics, perf = compare_quantizers(
+        paths.BASE_MODEL,
+        paths.QUANTIZED,
+        paths.SPLITS,
+        require(params, "tasks"),
+        require(params, "quantize"),
+        group_size=require(params, "model.group_size"),
+        seed=require(params, "data.seed"),
+        max_len=require(params, "evaluate.max_seq_len"),
+        device=check_device(require(params, "device.name")),
     )
-
-    max_len = require(params, "evaluate.max_seq_len")
-    losses, task_losses = {}, {}
-
-    def measure(name: str, model) -> None:
-        """Eval loss per task and pooled over all eval rows (token-weighted); evaluate reports the per-task ones."""
-        sums = {t: eval_nll(model, tok, r, max_len) for t, r in eval_rows.items()}
-        count = sum(n for _, n in sums.values())
-        if count == 0:
-            raise StageError("no response tokens to evaluate (empty eval split or evaluate.max_seq_len too small)")
-        losses[name] = sum(total for total, _ in sums.values()) / count
-        task_losses[name] = {t: round(total / n, 4) for t, (total, n) in sums.items()}
-        log.info("%s: eval loss %.4f, perplexity %.3f", name, losses[name], perplexity(losses[name]))
-
-    # One model in memory at a time (a 3.8B fp32 model is 15 GB).
-    tok = load_tokenizer(BASE)
-    start = time.time()
-    awq = quantize(BASE, OUT_AWQ, "awq", q, group_size, rows, device)
-    awq_seconds = time.time() - start
-    log.info("AWQ done in %.0f s", awq_seconds)
-    measure("awq", awq)
-    del awq
-    log.info("now the RTN control (measured here, not kept: evaluate reads its losses)")
-    measure("rtn", quantize(BASE, None, "rtn", q, group_size, rows, device))
-    measure("fp32", load_model(BASE, device))
-    metrics = {
-        "fp32_ppl": perplexity(losses["fp32"]),
-        "rtn_ppl": perplexity(losses["rtn"]),
-        "awq_ppl": perplexity(losses["awq"]),
-        "awq_over_fp32": round(perplexity(losses["awq"]) / perplexity(losses["fp32"]), 4),
-        "rtn_over_fp32": round(perplexity(losses["rtn"]) / perplexity(losses["fp32"]), 4),
-        "fp32_eval_loss": round(losses["fp32"], 4),
-        "awq_eval_loss": round(losses["awq"], 4),
-        "task_eval_loss": task_losses,
-        "seconds": round(awq_seconds, 1),
-        "calib_tokens": q["calib_samples"] * q["calib_seq_len"],
-        "base_mb": dir_size_mb(BASE),
-        "int4_packed_mb": int4_size_mb(OUT_AWQ, q["bits"], group_size),
-    }
-    log.info("awq_ppl %.3f vs rtn_ppl %.3f (fp32 %.3f)", metrics["awq_ppl"], metrics["rtn_ppl"], metrics["fp32_ppl"])
-    if metrics["awq_ppl"] > COLLAPSE_RATIO * metrics["fp32_ppl"]:
-        remove_outputs(OUT_AWQ)
-        raise StageError(f"AWQ collapsed the model: perplexity {metrics['awq_ppl']} vs fp32 {metrics['fp32_ppl']}")
-    write_json(METRICS, metrics)
+    write_json(paths.QUANTIZE_METRICS, metrics)
+    write_json(paths.perf_file("quantize"), perf)
 
 
 if __name__ == "__main__":

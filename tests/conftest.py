@@ -18,7 +18,7 @@ def tiny_model_params() -> dict:
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     """A tiny random-init Llama (2 layers, hidden 64) saved as a Hugging Face folder, built once per session."""
-    from stages.base import materialize
+    from olive_lab.base_model import materialize
 
     out = tmp_path_factory.mktemp("tiny") / "base"
     materialize(tiny_model_params(), out)
@@ -33,38 +33,19 @@ def tiny_base_copy(tiny_base, tmp_path) -> Path:
     return dest
 
 
-def make_random_adapter(base: Path, out: Path, seed: int, r: int = 4) -> Path:
-    """A PEFT LoRA adapter on every projection of `base`, with random non-zero A and B (so it changes outputs)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    config = LoraConfig(
-        r=r,
-        lora_alpha=2 * r,
-        init_lora_weights=False,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        task_type="CAUSAL_LM",
-    )
-    get_peft_model(model, config).save_pretrained(str(out))
-    return out
-
-
 @pytest.fixture(scope="session")
 def tiny_adapters(tiny_base, tmp_path_factory) -> dict[str, Path]:
     """Two random LoRA adapters (r=4) on `tiny_base`, named like the real tasks: {"travel": dir, "trip_json": dir}."""
+    from olive_lab.lora import random_adapter
+
     root = tmp_path_factory.mktemp("tiny_adapters")
-    return {
-        name: make_random_adapter(tiny_base, root / name, seed) for seed, name in enumerate(["travel", "trip_json"])
-    }
+    return {name: random_adapter(tiny_base, root / name, seed) for seed, name in enumerate(["travel", "trip_json"])}
 
 
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny_base, tiny_adapters, tmp_path_factory) -> Path:
     """A folder laid out like models/onnx: model/ (ORT GenAI int4, with LoRA inputs) + adapters/<task>.onnx_adapter."""
-    from stages.optimize import build_onnx
+    from olive_lab.onnx.export import build_onnx
 
     out = tmp_path_factory.mktemp("tiny_onnx") / "onnx"
     build_onnx(

@@ -48,7 +48,7 @@ def copy_repo(dest: Path, overrides: list[str]) -> Path:
     sh(dest, "git", "init", "-q")
     sh(dest, "git", "config", "user.email", "test@example.com")
     sh(dest, "git", "config", "user.name", "test")
-    sh(dest, sys.executable, "-m", "stages.params", *overrides)
+    sh(dest, sys.executable, "-m", "tools.params", *overrides)
     sh(dest, "git", "add", "-A")
     sh(dest, "git", "commit", "-qm", "copy")
     return dest

@@ -36,7 +36,7 @@ def engine(chat_model) -> Engine:
 def model_with_adapters(src: Path, dest: Path, garbage: tuple[str, ...] = (), foreign: tuple[str, ...] = ()) -> Path:
     """A model dir sharing `src`'s model and adapters, plus broken adapters: `garbage` ones are not adapter files,
     `foreign` ones are valid adapter files made for a model twice as wide (they load, then fail on use)."""
-    from stages.onnx_lora import read_adapter, write_adapter
+    from olive_lab.onnx.lora import read_adapter, write_adapter
 
     (dest / "adapters").mkdir(parents=True)
     (dest / "model").symlink_to((src / "model").resolve())

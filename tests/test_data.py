@@ -7,7 +7,8 @@ import shutil
 
 import pytest
 
-from stages.data import TRIP_KEYS, check_trip_json, load_task, prepare, score_trip_json
+from olive_lab.data import check_trip_json, load_task, prepare
+from olive_lab.scoring import TRIP_KEYS, score_trip_json
 from tests.helpers import ROOT, default_params, error_lines, run_stage, write_params
 
 DATA = default_params()["data"]
@@ -68,6 +69,24 @@ def test_a_bad_row_stops_the_stage_with_file_line_reason(tmp_path, task, row, re
     assert line.startswith(f"data: error: data/{task}.jsonl:5: ") and reason in line, line
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "data" / "split").exists(), "a failed run left outputs behind"
+
+
+def test_a_byte_that_is_not_utf8_names_file_and_line(tmp_path):
+    """Seen by hand: a Latin-1 byte used to end in a bare UnicodeDecodeError with a byte offset."""
+    (tmp_path / "data").mkdir()
+    for t in ("travel", "trip_json"):
+        shutil.copy(ROOT / "data" / f"{t}.jsonl", tmp_path / "data" / f"{t}.jsonl")
+    path = tmp_path / "data" / "travel.jsonl"
+    lines = path.read_bytes().splitlines()
+    lines[6] = lines[6].replace(b"e", b"\xe9", 1)  # Latin-1 e-acute on line 7
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    write_params(tmp_path, default_params())
+    proc = run_stage("data", tmp_path, timeout=60)
+    assert proc.returncode == 1
+    [line] = error_lines(proc)
+    assert line.startswith("data: error: data/travel.jsonl:7: not UTF-8 (byte 0xe9 at column "), line
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "data" / "split").exists()
 
 
 def test_duplicate_prompt_names_both_lines(tmp_path):

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stages.finetune import finetune
-from stages.lm import IGNORE, encode_example, load_tokenizer
+from olive_lab.lm import IGNORE, encode_example, load_tokenizer
+from olive_lab.lora import finetune
 from tests.helpers import ROOT
 
 SETTINGS = {
@@ -49,7 +49,7 @@ def test_labels_cover_the_response_and_its_end_token_only(tiny_base):
 def test_same_seed_gives_the_same_adapter_and_training_lowers_the_loss(tiny_base, splits, tmp_path):
     runs = []
     for name in ("a", "b"):
-        metrics, curve = finetune("travel", SETTINGS, "cpu", tiny_base, splits, tmp_path / name)
+        metrics, curve, _ = finetune("travel", SETTINGS, "cpu", tiny_base, splits, tmp_path / name)
         runs.append(load_file(str(tmp_path / name / "adapter_model.safetensors")))
         assert len(curve) == SETTINGS["max_steps"]
     assert runs[0].keys() == runs[1].keys() and runs[0]

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.common import StageError
-from stages.lm import load_model, load_tokenizer, prompt_text
-from stages.onnx_check import OnnxLM, agreement, int4_grid_error
-from stages.onnx_lora import SWITCH, peft_to_inputs, read_adapter
-from stages.optimize import build_onnx
-from tests.conftest import make_random_adapter
+from olive_lab.errors import StageError
+from olive_lab.lm import load_model, load_tokenizer, prompt_text
+from olive_lab.lora import random_adapter
+from olive_lab.onnx.check import OnnxLM, agreement, int4_grid_error
+from olive_lab.onnx.export import build_onnx
+from olive_lab.onnx.lora import SWITCH, peft_to_inputs, read_adapter
 from tests.helpers import default_params, error_lines, run_stage, write_params
 
 GROUP = 32  # conf/model/tiny.yaml group_size
@@ -101,7 +101,7 @@ def grid_base(tiny_base, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def grid_adapters(grid_base, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("grid_adapters")
-    return {name: make_random_adapter(grid_base, root / name, seed=10 + i) for i, name in enumerate(TASKS)}
+    return {name: random_adapter(grid_base, root / name, seed=10 + i) for i, name in enumerate(TASKS)}
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +171,7 @@ def test_tiny_onnx_fixture_layout(tiny_onnx):
 
 def test_agreement_onnx_loss_is_what_evaluate_would_measure(built, grid_base, torch_models):
     """evaluate takes the ONNX losses of metrics/optimize.json instead of recomputing them: same number both ways."""
-    from stages.evaluate import onnx_loss
-    from stages.onnx_check import pooled
+    from olive_lab.onnx.check import onnx_loss, pooled
 
     tokenizer = load_tokenizer(grid_base)
     onnx_lm = OnnxLM(built["lora"] / "model")
@@ -321,7 +320,7 @@ def test_two_adapters_give_different_outputs(built, grid_base):
 
 
 def _slots(built) -> list:
-    from stages.onnx_lora import LoraSlot
+    from olive_lab.onnx.lora import LoraSlot
 
     cfg = json.loads((built["lora"] / "model" / "genai_config.json").read_text())["model"]["decoder"]
     hidden = cfg["hidden_size"]
@@ -403,7 +402,7 @@ def test_stage_builds_model_adapters_and_metrics(tmp_path, grid_base, grid_adapt
 
 
 def test_cuda_graph_switch_edits_only_a_cuda_models_config(built, tmp_path):
-    from stages.onnx_build import set_cuda_graph
+    from olive_lab.onnx.build import set_cuda_graph
 
     def cuda_options(path: Path) -> list:
         options = json.loads(path.read_text())["model"]["decoder"]["session_options"].get("provider_options", [])

@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import yaml
 
-from stages.params import compose_params
+from olive_lab.params import compose_params
 from tests.helpers import ROOT
 
 
 def test_params_yaml_equals_the_composition_of_conf(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     out = tmp_path / "params.yaml"
-    compose_params(out)
+    compose_params(out, [], ROOT / "conf")
     assert out.read_text() == (ROOT / "params.yaml").read_text(), "params.yaml drifted from conf/: run `make params`"
 
 
 def test_overrides_compose_like_dvc_exp_run(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     out = tmp_path / "params.yaml"
-    compose_params(out, ["model=phi35_mini", "finetune.max_steps=50", "device=cuda"])
+    compose_params(out, ["model=phi35_mini", "finetune.max_steps=50", "device=cuda"], ROOT / "conf")
     params = yaml.safe_load(out.read_text())
     assert params["model"]["hub_id"] == "microsoft/Phi-3.5-mini-instruct"
     assert params["model"]["group_size"] == 128

@@ -26,6 +26,15 @@ def test_tiny_pipeline_runs_and_a_second_repro_does_nothing(tiny_repo):
     assert "up to date" in sh(tiny_repo, "dvc", "status").stdout
 
 
+def test_rerunning_quantize_with_identical_outputs_leaves_finetune_up_to_date(tiny_repo):
+    """Wall-clock figures live in metrics/perf/, which nothing depends on: an identical quantize stops there."""
+    forced = sh(tiny_repo, "dvc", "repro", "--force", "--single-item", "quantize")
+    assert ran_stages(forced.stdout) == {"quantize"}, forced.stdout
+    status = json.loads(sh(tiny_repo, "dvc", "status", "--json").stdout)
+    assert status == {}, f"an identical quantize re-run made these stale: {status}"
+    assert ran_stages(sh(tiny_repo, "dvc", "repro").stdout) == set()
+
+
 def test_editing_one_task_param_reruns_only_that_task(tiny_repo):
     set_param(tiny_repo, "finetune.tasks.travel", {"max_steps": 2})
     status = json.loads(sh(tiny_repo, "dvc", "status", "--json").stdout)

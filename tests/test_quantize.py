@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stages import quantize as Q
-from stages.lm import encode_example, eval_loss, load_model, load_tokenizer
+from olive_lab import quantize as Q
+from olive_lab.lm import encode_example, eval_loss, load_model, load_tokenizer
 from tests.helpers import default_params, error_lines, run_stage, write_params
 
 GROUP = 32

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.remote import alive, connection_string, create_container, free_port, start_azurite, stop
+from olive_lab.azure.azurite import alive, connection_string, create_container, free_port, start_azurite, stop
+from olive_lab.paths import AZURITE_BIN
 from tests.helpers import ROOT
 from tests.pipeline import copy_repo, ran_stages, sh
 
@@ -34,7 +35,7 @@ def point_at(repo: Path, conn_str: str) -> None:
 
 def remote(repo: Path, *args: str) -> tuple[object, float]:
     start = time.monotonic()
-    proc = sh(repo, sys.executable, "-m", "stages.remote", *args, check=False, timeout=120)
+    proc = sh(repo, sys.executable, "-m", "tools.remote", *args, check=False, timeout=120)
     return proc, time.monotonic() - start
 
 
@@ -62,7 +63,7 @@ def file_hashes(repo: Path, outs: list[str]) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def azurite():
     port = free_port()
-    proc = start_azurite(port, None)  # in memory
+    proc = start_azurite(ROOT / AZURITE_BIN, port, None)  # in memory
     try:
         conn = connection_string(port)
         create_container(conn, container(ROOT))

@@ -23,7 +23,7 @@ def metrics(repo, name):
 
 
 def test_base_model_answers_sensibly_with_its_chat_template(smoke_repo):
-    from stages.lm import greedy_replies, load_model, load_tokenizer
+    from olive_lab.lm import greedy_replies, load_model, load_tokenizer
 
     base = smoke_repo / "models/base"
     [reply] = greedy_replies(load_model(base), load_tokenizer(base), ["What is the capital of France?"], 24)

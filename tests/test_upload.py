@@ -20,6 +20,7 @@ from unittest.mock import create_autospec
 import pytest
 import yaml
 
+from olive_lab.azure import registry
 from stages import upload
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,7 +227,7 @@ def test_git_revision_is_tagged_inside_a_checkout(stage_dir, capsys):
 
 def test_without_eval_metrics_no_metric_tags_and_a_log_line(stage_dir, capsys, caplog):
     (stage_dir / "metrics" / "eval.json").unlink()
-    with caplog.at_level("INFO", logger="stages.upload"):
+    with caplog.at_level("INFO", logger="olive_lab.azure.registry"):
         assert run_stage(capsys)[0] == 0
     assert not any(k.startswith("eval.") for k in receipt(stage_dir)["tags"])
     assert "metrics/eval.json not found" in caplog.text
@@ -282,8 +283,8 @@ def test_invalid_version_fails_in_one_line(stage_dir, capsys, version):
 
 
 def test_name_at_the_length_limit_is_accepted():
-    assert upload.check_name("a" * 255) == "a" * 255
-    assert upload.check_version("2147483647") == "2147483647"
+    assert registry.check_name("a" * 255) == "a" * 255
+    assert registry.check_version("2147483647") == "2147483647"
 
 
 def test_missing_model_folder_fails_in_one_line(stage_dir, capsys):
@@ -322,7 +323,7 @@ def configured(stage_dir, monkeypatch):
         monkeypatch.setenv(key, value)
     client = fake_client()
     opened = []
-    monkeypatch.setattr(upload, "open_workspace", lambda ws, timeout_s, deadline: opened.append(ws) or client)
+    monkeypatch.setattr(registry, "open_workspace", lambda ws, timeout_s, deadline: opened.append(ws) or client)
     client.opened = opened
     return client
 
@@ -398,12 +399,12 @@ def test_service_error_is_one_line(configured, stage_dir, capsys):
 def test_managed_identity_is_tried_only_where_its_endpoint_answers(stage_dir, silent_port, monkeypatch):
     """Off Azure, DefaultAzureCredential retries IMDS for 5-15 s before `az login`: skipped when nothing listens."""
     monkeypatch.setenv("AZURE_POD_IDENTITY_AUTHORITY_HOST", f"http://127.0.0.1:{closed_port()}")
-    assert upload.managed_identity_reachable() is False
+    assert registry.managed_identity_reachable() is False
     monkeypatch.setenv("AZURE_POD_IDENTITY_AUTHORITY_HOST", f"http://127.0.0.1:{silent_port}")
-    assert upload.managed_identity_reachable() is True
+    assert registry.managed_identity_reachable() is True
     monkeypatch.setenv("AZURE_POD_IDENTITY_AUTHORITY_HOST", f"http://127.0.0.1:{closed_port()}")
     monkeypatch.setenv("IDENTITY_ENDPOINT", "http://127.0.0.1:1/msi/token")  # App Service: azure-identity's call
-    assert upload.managed_identity_reachable() is True
+    assert registry.managed_identity_reachable() is True
 
 
 def test_silent_workspace_fails_clearly_within_the_bound(configured, stage_dir, capsys):

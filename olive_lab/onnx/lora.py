@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common import StageError
+from olive_lab.errors import StageError
 
 # The builder's node names for the projections it emits, per decoder layer.
 PROJ_NODE = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(\w+_proj)/MatMul(?:_Q\d+)?$")

@@ -1,23 +1,14 @@
-"""Language-model helpers shared by quantize, finetune and evaluate: chat formatting, batching, loss."""
+"""Language-model helpers shared by quantize, finetune, optimize and evaluate: chat formatting, batching, loss."""
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-from stages.common import StageError
+from olive_lab.device import torch_dtype
+from olive_lab.errors import StageError
 
 IGNORE = -100
-
-
-def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.exists():
-        raise StageError(f"{path}: not found (run `dvc repro data` first)")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def load_tokenizer(model_dir: Path | str):
@@ -31,8 +22,6 @@ def load_tokenizer(model_dir: Path | str):
 
 def load_model(model_dir: Path | str, device: str = "cpu", dtype: str = "float32"):
     from transformers import AutoModelForCausalLM
-
-    from stages.common import torch_dtype
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
@@ -120,10 +109,6 @@ def eval_loss(model, tokenizer, rows: list[dict], max_len: int, batch_size: int 
     if count == 0:
         raise StageError("no response tokens to evaluate (empty eval split or max_seq_len too small)")
     return total / count
-
-
-def perplexity(loss: float) -> float:
-    return round(math.exp(loss), 4)
 
 
 def greedy_replies(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16) -> list[str]:

@@ -1,10 +1,4 @@
-"""The DVC remote on Azure Blob: a local Azurite server for it, and push/pull that fail fast when it is misconfigured.
-
-    python -m stages.remote up            # Azurite on 127.0.0.1 (data in .azurite/), container created,
-                                          # .dvc/config.local pointed at it (make remote-up)
-    python -m stages.remote down          # stop it, drop its connection string from .dvc/config.local
-    python -m stages.remote check         # one request to the remote, no retries: reachable, key valid, container there
-    python -m stages.remote push|pull [dvc args]   # check, then `dvc push|pull` (make push / make pull)
+"""The DVC remote on Azure Blob: a local Azurite server for it, and a check that fails fast when it is misconfigured.
 
 Why the check: on a wrong endpoint DVC's Azure client retries for ~85 s and then prints a multi-line "unexpected
 error"; one request without retries answers the same question in a second or two, in one line. Real transfers then
@@ -27,12 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-from stages.common import StageError, main
+from olive_lab.errors import StageError
 
-log = logging.getLogger("stages.remote")
-
-STATE = Path(".azurite")  # gitignored: blob data, pid, log of the server that `up` starts
-AZURITE = Path("node_modules/.bin/azurite-blob")  # installed by `npm ci` (package.json pins azurite)
+log = logging.getLogger(__name__)
 ACCOUNT = "devstoreaccount1"
 # Azurite's documented development key (public, the same on every machine): not a secret.
 DEV_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
@@ -54,13 +45,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_azurite(port: int, data_dir: Path | None, log_file: Path | None = None) -> subprocess.Popen:
-    """Start Azurite's blob service on 127.0.0.1:port and wait until it listens. data_dir None: in memory."""
-    exe = AZURITE if AZURITE.exists() else Path(__file__).resolve().parents[1] / AZURITE
+def start_azurite(exe: Path, port: int, data_dir: Path | None, log_file: Path | None = None) -> subprocess.Popen:
+    """Start Azurite's blob service (`exe`: node_modules/.bin/azurite-blob) on 127.0.0.1:port and wait until it
+    listens. data_dir None: in memory."""
     if not shutil.which("node"):
         raise StageError("node not found: Azurite needs Node.js >= 18 (e.g. apt-get install nodejs npm)")
     if not exe.exists():
-        raise StageError(f"{AZURITE} not found: run `npm ci` in the repository root (make setup does)")
+        raise StageError(f"{exe} not found: run `npm ci` in the repository root (make setup does)")
     args = [str(exe), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--skipApiVersionCheck", "--disableTelemetry"]
     # In memory: cap it well below Azurite's default of half the machine's RAM.
     args += ["--location", str(data_dir)] if data_dir else ["--inMemoryPersistence", "--extentMemoryLimit", "1024"]
@@ -138,19 +129,21 @@ def remote_url(name: str | None = None) -> tuple[str, str]:
     return name, config["remote"][name]["url"]
 
 
-def up() -> None:
+def up(state: Path, exe: Path) -> None:
+    """Start Azurite with its data in `state` (unless it already runs), create the remote's container and point the
+    default remote at it in .dvc/config.local."""
     name, url = remote_url()
     container = url.removeprefix("azure://").split("/")[0]
-    pid_file = STATE / "azurite.pid"
+    pid_file = state / "azurite.pid"
     pid, port = map(int, pid_file.read_text().split()) if pid_file.exists() else (0, 0)
     if pid and alive(pid):
         log.info("Azurite already runs (pid %d, port %d)", pid, port)
     else:
         port = int(os.environ.get("AZURITE_PORT") or free_port())
-        STATE.mkdir(exist_ok=True)
-        proc = start_azurite(port, STATE / "data", STATE / "azurite.log")
+        state.mkdir(exist_ok=True)
+        proc = start_azurite(exe, port, state / "data", state / "azurite.log")
         pid_file.write_text(f"{proc.pid} {port}\n")
-        log.info("Azurite listens on http://127.0.0.1:%d (pid %d, data in %s/data)", port, proc.pid, STATE)
+        log.info("Azurite listens on http://127.0.0.1:%d (pid %d, data in %s/data)", port, proc.pid, state)
     conn_str = connection_string(port)
     create_container(conn_str, container)
     # A connection string wins over account_name/account_key, so a team's own settings come back after `down`.
@@ -158,19 +151,19 @@ def up() -> None:
     log.info("remote '%s' (%s) now points at it in .dvc/config.local", name, url)
 
 
-def down() -> None:
-    pid_file = STATE / "azurite.pid"
+def down(state: Path, local_config: Path) -> None:
+    """Stop the Azurite that `up` started and drop its connection string from `local_config`."""
+    pid_file = state / "azurite.pid"
     if pid_file.exists():
         pid, port = map(int, pid_file.read_text().split())
         if alive(pid):
             stop(pid)
-            log.info("stopped Azurite (pid %d, port %d); its data stays in %s/data", pid, port, STATE)
+            log.info("stopped Azurite (pid %d, port %d); its data stays in %s/data", pid, port, state)
         pid_file.unlink()
     else:
         log.info("no Azurite started by `up` runs here")
     name, _ = remote_url()
-    conn = Path(".dvc/config.local")
-    if conn.exists() and "connection_string" in conn.read_text():
+    if local_config.exists() and "connection_string" in local_config.read_text():
         dvc("remote", "modify", "--local", "--unset", name, "connection_string")
 
 
@@ -245,23 +238,3 @@ def remote_arg(args: list[str]) -> str | None:
         if flag in args[:-1]:
             return args[args.index(flag) + 1]
     return next((a.split("=", 1)[1] for a in args if a.startswith("--remote=")), None)
-
-
-@main
-def run(argv: list[str]) -> None:
-    if not argv or argv[0] not in ("up", "down", "check", "push", "pull"):
-        raise StageError("usage: python -m stages.remote up|down|check|push|pull [dvc args]")
-    command, rest = argv[0], argv[1:]
-    if command == "up":
-        up()
-    elif command == "down":
-        down()
-    else:
-        check(remote_arg(rest))
-        if command != "check":
-            sys.stdout.flush()
-            os.execv(sys.executable, [sys.executable, "-m", "dvc", command, *rest])
-
-
-if __name__ == "__main__":
-    run()

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common import StageError
-from stages.lm import IGNORE, encode_example
+from olive_lab.errors import StageError
+from olive_lab.lm import IGNORE, encode_example
 
-log = logging.getLogger("stages.onnx_check")
+log = logging.getLogger(__name__)
 
 NODE_TO_HF = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(\w+_proj)/MatMul_Q\d+$")
 HF_BLOCK = {"attn": "self_attn", "mlp": "mlp"}
@@ -126,7 +126,7 @@ class OnnxLM:
         return logits[0].astype(np.float32)
 
 
-def _nll(logits: np.ndarray, labels: list[int]) -> tuple[np.ndarray, np.ndarray]:
+def response_nll(logits: np.ndarray, labels: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """Per-position NLL and argmax for the positions that predict a labelled token."""
     targets = np.asarray(labels[1:])
     keep = targets != IGNORE
@@ -151,8 +151,8 @@ def agreement(onnx_lm: OnnxLM, torch_model, tokenizer, rows: list[dict], max_len
         diff, spread = got - ref, float(ref.std())
         rms_rel = max(rms_rel, float(np.sqrt((diff**2).mean())) / spread)
         max_rel = max(max_rel, float(np.abs(diff).max()) / spread)
-        loss_o, arg_o = _nll(got, labels)
-        loss_t, arg_t = _nll(ref, labels)
+        loss_o, arg_o = response_nll(got, labels)
+        loss_t, arg_t = response_nll(ref, labels)
         same += int((arg_o == arg_t).sum())
         total += len(arg_t)
         nll_onnx += float(loss_o.sum())
@@ -171,6 +171,16 @@ def agreement(onnx_lm: OnnxLM, torch_model, tokenizer, rows: list[dict], max_len
         "logit_rms_rel": round(rms_rel, 5),
         "logit_max_rel": round(max_rel, 5),
     }
+
+
+def onnx_loss(lm: OnnxLM, tokenizer, rows: list[dict], max_len: int, adapter: dict | None = None) -> float:
+    """Mean response-token loss of `rows` under an OnnxLM (with an adapter's input values, or none)."""
+    total, count = 0.0, 0
+    for row in rows:
+        ids, labels = encode_example(tokenizer, row["prompt"], row["response"], max_len)
+        nll, _ = response_nll(lm.logits(ids, adapter), labels)
+        total, count = total + float(nll.sum()), count + len(nll)
+    return round(total / count, 4)
 
 
 def pooled(parts: dict[str, dict]) -> dict:

@@ -14,9 +14,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from stages.common import StageError
+from olive_lab.errors import StageError
 
-log = logging.getLogger("stages.onnx_build")
+log = logging.getLogger(__name__)
 
 PRECISIONS = ("int4", "fp32")
 PROVIDERS = ("cpu", "cuda")

@@ -1,0 +1,23 @@
+"""The contract between quantize and the ONNX export: which weights sit on which int4 grid.
+
+The quantize stage writes it into the quantized folder; the export checks its block size against it and the grid
+check compares exactly those weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+META_FILE = "int4_grid.json"
+
+
+def read_grid(model_dir: Path) -> dict:
+    """{method, bits, group_size, symmetric, quantized: [weight names]}, or {} when the folder has none."""
+    path = Path(model_dir) / META_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def quantized_layers(model_dir: Path) -> set[str]:
+    """Names of the weights the quantize stage put on the int4 grid."""
+    return set(read_grid(model_dir).get("quantized", []))

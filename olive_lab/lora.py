@@ -1,0 +1,138 @@
+"""LoRA fine-tuning on the quantized model: peft and a plain torch training loop.
+
+Each example is formatted with the model's own chat template and only the response tokens are trained on.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+
+from olive_lab.files import atomic_dir, read_jsonl
+from olive_lab.lm import batches, encode_example, eval_loss, load_model, load_tokenizer, token_nll
+
+log = logging.getLogger(__name__)
+
+
+def lora_model(model, s: dict):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=s["r"],
+        lora_alpha=s["alpha"],
+        lora_dropout=s["dropout"],
+        target_modules=list(s["target_modules"]),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def train(model, tokenizer, rows: list[dict], s: dict) -> list[tuple[int, float]]:
+    """AdamW with linear warmup and decay for s['max_steps'] steps; returns the (step, loss) curve."""
+    import torch
+    from tqdm import tqdm
+
+    rng = random.Random(s["seed"])
+    examples = [encode_example(tokenizer, r["prompt"], r["response"], s["max_seq_len"]) for r in rows]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=s["learning_rate"], weight_decay=0.0)
+    warmup = max(1, s["max_steps"] // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: min((step + 1) / warmup, max(0.0, (s["max_steps"] - step) / (s["max_steps"] - warmup)))
+    )
+    curve, order = [], []
+    model.train()
+    bar = tqdm(range(s["max_steps"]), desc="finetune", unit="step")
+    for step in bar:
+        if len(order) < s["batch_size"]:
+            order += rng.sample(range(len(examples)), len(examples))  # epoch after epoch, reshuffled
+        chunk, order = order[: s["batch_size"]], order[s["batch_size"] :]
+        # Sorting by length inside the batch changes nothing in the loss but keeps padding small.
+        batch = next(
+            batches(
+                sorted((examples[i] for i in chunk), key=lambda e: len(e[0])), s["batch_size"], tokenizer.pad_token_id
+            )
+        )
+        nll, count = token_nll(model, batch, grad=True)
+        loss = nll / count
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        curve.append((step + 1, round(loss.item(), 4)))
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return curve
+
+
+def finetune(task: str, s: dict, device: str, base: Path, splits: Path, out: Path, base_loss: float | None = None):
+    """Train one adapter into `out`; return its metrics, the (step, loss) curve and the training seconds.
+    `base_loss`: the quantized model's eval loss on this task when already measured (the quantize stage's
+    metrics), else measured here."""
+    import torch
+
+    train_rows = read_jsonl(splits / task / "train.jsonl")
+    eval_rows = read_jsonl(splits / task / "eval.jsonl")
+    torch.manual_seed(s["seed"])
+    tokenizer = load_tokenizer(base)
+    model = load_model(base, device)
+    metrics: dict = {"task": task, "train_rows": len(train_rows), "eval_rows": len(eval_rows)}
+    if base_loss is None:
+        base_loss = eval_loss(model, tokenizer, eval_rows, s["eval_max_seq_len"], s["eval_batch_size"])
+    metrics["base_eval_loss"] = round(base_loss, 4)
+    log.info("%s: quantized base eval loss %.4f; training %d steps", task, metrics["base_eval_loss"], s["max_steps"])
+
+    start = time.time()
+    model = lora_model(model, s)
+    curve = train(model, tokenizer, train_rows, s)
+    seconds = round(time.time() - start, 1)
+    metrics["adapter_eval_loss"] = round(
+        eval_loss(model, tokenizer, eval_rows, s["eval_max_seq_len"], s["eval_batch_size"]), 4
+    )
+    metrics["eval_loss_reduction"] = round(1 - metrics["adapter_eval_loss"] / metrics["base_eval_loss"], 4)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+    log.info(
+        "%s: adapter eval loss %.4f (%.0f%% lower) in %.0f s",
+        task,
+        metrics["adapter_eval_loss"],
+        100 * metrics["eval_loss_reduction"],
+        seconds,
+    )
+    return metrics, curve, seconds
+
+
+def random_adapter(base: Path, out: Path, seed: int, r: int = 4, target_modules: list[str] | None = None) -> Path:
+    """A PEFT LoRA adapter on `base` with random non-zero A and B (so it changes outputs): for tests and benches,
+    where a trained adapter's values do not matter. Default targets: every Linear inside the decoder layers."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        init_lora_weights=False,
+        target_modules=target_modules or decoder_linear_names(model),
+        task_type="CAUSAL_LM",
+    )
+    get_peft_model(model, config).save_pretrained(str(out))
+    return out
+
+
+def decoder_linear_names(model) -> list[str]:
+    """The leaf names of the Linear modules inside the decoder layers (q_proj, qkv_proj, gate_up_proj, ...)."""
+    import torch
+
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and ".layers." in name
+        }
+    )

@@ -1,0 +1,184 @@
+"""One ORT GenAI int4 model with LoRA slots, plus one .onnx_adapter per task (multi-LoRA), checked against torch.
+
+    <quantized HF folder> + <PEFT folders>  ->  <out>/model/ (genai_config.json, model.onnx(+.data), tokenizer)
+                                                + <out>/adapters/<task>.onnx_adapter
+
+The base graph comes from the onnxruntime-genai model builder (olive_lab.onnx.build); LoRA branches and adapter
+files are made by olive_lab.onnx.lora rather than by Olive's ExtractAdapters: the builder's own adapter mode
+unpacks the QKV projection and bakes one adapter in, while a branch per packed projection keeps the base graph
+byte-for-byte the plain model's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from olive_lab.errors import StageError
+from olive_lab.files import atomic_dir, dir_size_mb
+from olive_lab.int4_grid import META_FILE
+from olive_lab.onnx.build import export_model, set_cuda_graph
+from olive_lab.onnx.lora import add_lora_inputs, peft_to_inputs, read_adapter, write_adapter
+
+log = logging.getLogger(__name__)
+
+
+def check_inputs(hf_dir: Path, adapters: dict[str, Path]) -> dict:
+    """Fail in one line before any work when an input is missing; return the model's config.json."""
+    config_file = hf_dir / "config.json"
+    if not config_file.exists():
+        raise StageError(f"{config_file}: not found (run `dvc repro quantize` first)")
+    if not list(hf_dir.glob("*.safetensors")):
+        raise StageError(f"{hf_dir}: no *.safetensors weights")
+    for name, folder in adapters.items():
+        if not (folder / "adapter_config.json").exists():
+            raise StageError(
+                f"{folder / 'adapter_config.json'}: not found (adapter '{name}'; run `dvc repro finetune`)"
+            )
+    return json.loads(config_file.read_text())
+
+
+def build_onnx(
+    hf_dir: Path | str,
+    out_dir: Path | str,
+    adapters: dict[str, Path],
+    *,
+    precision: str = "int4",
+    block_size: int = 32,
+    accuracy_level: int = 4,
+    execution_provider: str = "cpu",
+    lm_head: str = "int8",
+    lora_layout: str = "branches",
+    cuda_graph: bool = False,
+) -> dict:
+    """Build `out_dir`/model (ORT GenAI) and `out_dir`/adapters/<name>.onnx_adapter for each PEFT folder.
+
+    With no adapters the model has no LoRA inputs (the plain model). Writes atomically; returns size and timing.
+    """
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    adapters = {name: Path(path) for name, path in adapters.items()}
+    config = check_inputs(hf_dir, adapters)
+    if execution_provider == "cuda" and cuda_graph and lora_layout == "switch" and adapters:
+        raise StageError(
+            "params.yaml: optimize.lora_layout=switch adds an If node, which ORT cannot capture in a CUDA graph: "
+            "set optimize.cuda_graph=false or optimize.lora_layout=branches"
+        )
+    start = time.time()
+    with atomic_dir(out_dir) as tmp:
+        model_dir, adapter_dir = tmp / "model", tmp / "adapters"
+        adapter_dir.mkdir()
+        export_model(
+            hf_dir,
+            model_dir,
+            precision=precision,
+            block_size=block_size,
+            accuracy_level=accuracy_level,
+            execution_provider=execution_provider,
+            lm_head=lm_head,
+        )
+        if execution_provider == "cuda":
+            set_cuda_graph(model_dir, cuda_graph)
+        slots = add_lora_inputs(model_dir / "model.onnx", config, lora_layout) if adapters else []
+        for name, folder in adapters.items():
+            values = peft_to_inputs(folder, slots, switch=lora_layout == "switch")
+            write_adapter(values, adapter_dir / f"{name}.onnx_adapter")
+            log.info("adapter %s -> %s", folder, adapter_dir / f"{name}.onnx_adapter")
+    return {
+        "model_mb": dir_size_mb(out_dir / "model"),
+        "adapter_mb": {
+            name: round((out_dir / "adapters" / f"{name}.onnx_adapter").stat().st_size / 1e6, 2) for name in adapters
+        },
+        "lora_slots": len(slots),
+        "build_seconds": round(time.time() - start, 1),
+    }
+
+
+def torch_agreement(
+    onnx_dir: Path, hf_dir: Path, adapters: dict[str, Path], rows: dict[str, list[dict]], max_len: int
+) -> dict:
+    """Per task: ONNX (base + .onnx_adapter) vs torch (base + PEFT) on that task's rows; plus the base alone."""
+    from peft import PeftModel
+
+    from olive_lab.lm import load_model, load_tokenizer
+    from olive_lab.onnx.check import OnnxLM, agreement, pooled
+
+    tokenizer = load_tokenizer(hf_dir)
+    onnx_lm = OnnxLM(onnx_dir / "model")
+    base = load_model(hf_dir)
+    result = {"base": pooled({t: agreement(onnx_lm, base, tokenizer, r, max_len) for t, r in rows.items()})}
+    log.info("base: %s", result["base"])
+    model = None
+    for name, folder in adapters.items():
+        if model is None:
+            model = PeftModel.from_pretrained(base, str(folder), adapter_name=name)
+        else:
+            model.load_adapter(str(folder), adapter_name=name)
+        model.set_adapter(name)
+        model.eval()
+        weights = read_adapter(onnx_dir / "adapters" / f"{name}.onnx_adapter")
+        result[name] = agreement(onnx_lm, model, tokenizer, rows[name], max_len, adapter=weights)
+        log.info("%s: %s", name, result[name])
+    return result
+
+
+def grid_block_size(block_size: int, hf_dir: Path) -> int:
+    """The int4 block size, warned about when it differs from the grid the quantize stage used."""
+    meta_file = hf_dir / META_FILE  # written by the quantize stage: the grid its weights sit on
+    if meta_file.exists():
+        meta = json.loads(meta_file.read_text())
+        if meta.get("group_size") != block_size or meta.get("symmetric"):
+            log.warning(
+                "%s: weights sit on a %s int4 grid of group %s; exporting asymmetric blocks of %d is not exact",
+                meta_file,
+                "symmetric" if meta.get("symmetric") else "asymmetric",
+                meta.get("group_size"),
+                block_size,
+            )
+    return block_size
+
+
+def export_and_check(
+    hf_dir: Path,
+    adapters: dict[str, Path],
+    out: Path,
+    rows: dict[str, list[dict]],
+    opt: dict,
+    execution_provider: str,
+    max_len: int,
+) -> tuple[dict, dict]:
+    """build_onnx with the `optimize` params, then the int4 grid check and the agreement with torch on `rows`.
+
+    Returns (metrics, perf): perf holds the wall-clock seconds, which nothing downstream depends on.
+    """
+    from olive_lab.onnx.check import int4_grid_error
+
+    check_inputs(hf_dir, adapters)
+    info = build_onnx(
+        hf_dir,
+        out,
+        adapters,
+        precision=opt["precision"],
+        block_size=grid_block_size(int(opt["block_size"]), hf_dir),
+        accuracy_level=int(opt["accuracy_level"]),
+        execution_provider=execution_provider,
+        lm_head=opt.get("lm_head", "int8"),
+        lora_layout=opt.get("lora_layout", "branches"),
+        cuda_graph=bool(opt.get("cuda_graph", False)),
+    )
+    perf = {"build_seconds": info.pop("build_seconds")}
+    log.info("built %s in %.0f s (%.1f MB)", out, perf["build_seconds"], info["model_mb"])
+    metrics = {
+        **info,
+        "precision": opt["precision"],
+        "lm_head": opt.get("lm_head", "int8"),
+        "lora_layout": opt.get("lora_layout", "branches"),
+    }
+    if opt["precision"] == "int4":
+        metrics["int4_grid_error"] = int4_grid_error(out / "model" / "model.onnx", hf_dir)
+        log.info("int4 weights vs %s: %s", hf_dir, metrics["int4_grid_error"])
+    start = time.time()
+    metrics["agreement"] = torch_agreement(out, hf_dir, adapters, rows, max_len)
+    perf["agreement_seconds"] = round(time.time() - start, 1)
+    return metrics, perf
