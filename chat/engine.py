@@ -4,9 +4,11 @@ Layout (what the optimize stage writes):
     <model_dir>/model/genai_config.json, model.onnx, tokenizer files
     <model_dir>/adapters/<name>.onnx_adapter
 
-Text goes through the Hugging Face `tokenizers` library from the model's own tokenizer.json: that is the
-tokenizer the adapters were trained with, and ORT GenAI's built-in tokenizer mis-encodes the GGUF-converted
-SmolLM2 tokenizer.json (spaces and newlines become id -1). The chat template is rendered by ORT GenAI.
+Text, the chat template and streaming decode all go through ORT GenAI's own tokenizer: the optimize stage checks
+that it gives the same ids as the transformers tokenizer the adapters were trained with, and it is faster than
+Hugging Face `tokenizers` here (encode 0.02-0.05 ms against 0.23-0.30 ms for a 99-token prompt, streaming decode
+0.7-1.4 against 1.5-4.6 us per token, 2 cores). Replies stop at the model's end-of-turn tokens, which the
+optimize stage writes into genai_config.json (eos_token_id) from the model's own tokenizer and generation config.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from pathlib import Path
 BASE = "base"  # the selector's name for "no adapter"
 ADAPTER_SUFFIX = ".onnx_adapter"
 BUILD_HINT = "build it with `dvc repro optimize` or fetch it with `dvc pull optimize`"
-# Chat templates close a turn with one of these; stop on them even if genai_config names another eos.
-END_OF_TURN = ("<|im_end|>", "<|end|>", "<|eot_id|>", "<|endoftext|>")
+# C0 control characters other than tab and newlines: a byte-level vocabulary may have no token for them (ORT GenAI
+# encodes those to -1, an id the model cannot take), and no chat message needs them.
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 class EngineError(Exception):
@@ -109,7 +112,6 @@ class Engine:
         self.model = None
         self.load_s: float | None = None
         self._tokenizer = None
-        self._og_tokenizer = None
         self._adapters = None
         self._loaded_adapters: set[str] = set()
         self._stop_ids: set[int] = set()
@@ -129,24 +131,20 @@ class Engine:
     def load(self) -> float:
         """Load model and tokenizer (seconds taken). Errors become one EngineError line."""
         import onnxruntime_genai as og
-        from tokenizers import Tokenizer
 
         start = time.perf_counter()
         with self.lock:
             try:
                 model = og.Model(str(self.model_path))
-                self._og_tokenizer = og.Tokenizer(model)
                 self._adapters = og.Adapters(model)
             except Exception as exc:
                 raise EngineError(f"{self.model_path}: cannot load the model: {one_line(exc)}") from exc
-            tokenizer_file = self.model_path / "tokenizer.json"
             try:
-                self._tokenizer = Tokenizer.from_file(str(tokenizer_file))
+                self._tokenizer = og.Tokenizer(model)
             except Exception as exc:
-                raise EngineError(f"{tokenizer_file}: cannot load the tokenizer: {one_line(exc)}") from exc
+                raise EngineError(f"{self.model_path}: cannot load the tokenizer: {one_line(exc)}") from exc
             eos = self.genai_config.get("model", {}).get("eos_token_id", [])
             self._stop_ids = set(eos if isinstance(eos, list) else [eos])
-            self._stop_ids |= {i for t in END_OF_TURN if (i := self._tokenizer.token_to_id(t)) is not None}
             self.model = model
         self.load_s = time.perf_counter() - start
         return self.load_s
@@ -187,7 +185,7 @@ class Engine:
         generator = og.Generator(self.model, params)
         try:
             generator.set_active_adapter(self._adapters, name)
-            generator.append_tokens([self._tokenizer.token_to_id("<|im_start|>") or 0])
+            generator.append_tokens([0])  # any id: the point is one forward pass with the adapter's weights
         except Exception as exc:
             return one_line(exc)
         finally:
@@ -198,12 +196,13 @@ class Engine:
         """Chat messages as the model's prompt text, ending where the assistant's reply starts."""
         self._require_loaded()
         try:
-            return self._og_tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
+            clean = [{**m, "content": CONTROL_CHARS.sub("", m["content"])} for m in messages]
+            return self._tokenizer.apply_chat_template(json.dumps(clean), add_generation_prompt=True)
         except Exception as exc:
             raise EngineError(f"cannot apply the model's chat template: {one_line(exc)}") from exc
 
     def encode(self, messages: list[dict[str, str]]) -> list[int]:
-        return self._tokenizer.encode(self.render(messages), add_special_tokens=False).ids
+        return self._tokenizer.encode(self.render(messages)).tolist()
 
     def fit(self, messages: list[dict[str, str]], room: int) -> tuple[list[int], int]:
         """Prompt ids for `messages`, dropping the oldest turns (never the system prompt or the last message)
@@ -231,7 +230,6 @@ class Engine:
         """Stream the reply's text. The returned generator's StopIteration value is the ReplyStats;
         `stop.set()` ends it before the next token."""
         import onnxruntime_genai as og
-        from tokenizers.decoders import DecodeStream
 
         self._require_loaded()
         sampling.check()
@@ -255,7 +253,7 @@ class Engine:
                         raise EngineError(f"adapter '{adapter}' is not loaded")
                     generator.set_active_adapter(self._adapters, adapter)
                 generator.append_tokens(ids)
-                decoder = DecodeStream(skip_special_tokens=True)
+                decoder = self._tokenizer.create_stream()  # drops special tokens, as a reply should
                 first_at = None
                 while not generator.is_done():
                     if stop.is_set():
@@ -269,7 +267,7 @@ class Engine:
                     if token in self._stop_ids:
                         break
                     stats.new_tokens += 1
-                    piece = decoder.step(self._tokenizer, token)
+                    piece = decoder.decode(token)
                     if piece:
                         yield piece
                 else:  # ran into max_length without an end-of-turn token

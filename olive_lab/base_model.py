@@ -15,6 +15,7 @@ from pathlib import Path
 from olive_lab.errors import StageError
 from olive_lab.files import atomic_dir
 from olive_lab.params import require
+from olive_lab.tokenizer import canonicalize
 
 log = logging.getLogger(__name__)
 
@@ -121,4 +122,6 @@ def materialize(model_params: dict, out: Path) -> dict:
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        for change in canonicalize(tmp):  # so that ORT GenAI's own tokenizer reads it like transformers does
+            log.info("tokenizer: %s", change)
     return {"params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)}

@@ -398,7 +398,9 @@ def test_stage_builds_model_adapters_and_metrics(tmp_path, grid_base, grid_adapt
     for task in TASKS:
         assert metrics["agreement"][task]["argmax_agreement"] >= 0.95
         assert abs(metrics["agreement"][task]["loss_ratio"] - 1) <= 0.02
-    assert metrics["model_mb"] > 0 and metrics["build_seconds"] > 0
+    assert metrics["model_mb"] > 0 and metrics["tokenizer_texts_checked"] > 20
+    perf = json.loads((folder / "metrics" / "perf" / "optimize.json").read_text())
+    assert perf["build_seconds"] > 0 and perf["check_seconds"] > 0
 
 
 def test_cuda_graph_switch_edits_only_a_cuda_models_config(built, tmp_path):

@@ -47,10 +47,31 @@ def test_onnx_model_serves_every_adapter_and_agrees_with_torch(smoke_repo):
     opt = metrics(smoke_repo, "optimize.json")
     for task in ("travel", "trip_json"):
         assert (smoke_repo / f"models/onnx/adapters/{task}.onnx_adapter").exists()
-    ev = metrics(smoke_repo, "eval.json")
+        assert opt["agreement"][task]["argmax_agreement"] >= 0.95, opt["agreement"][task]
+    assert opt["agreement"]["base"]["argmax_agreement"] >= 0.95, opt["agreement"]["base"]
+    assert opt["int4_grid_error"]["moved_share"] < 1e-3, opt["int4_grid_error"]
+    perf = metrics(smoke_repo, "perf/evaluate.json")
     for name in ("onnx", "onnx+travel", "onnx+trip_json"):
-        assert ev[name]["decode_tok_s"] > 0 and ev[name]["ttft_ms"] > 0, ev[name]
-    assert opt, "optimize wrote no metrics"
+        assert perf[name]["decode_tok_s"] > 0 and perf[name]["ttft_ms"] > 0, perf[name]
+
+
+def test_og_tokenizer_equals_transformers_on_every_eval_prompt(smoke_repo):
+    """The optimize stage refuses a model whose og.Tokenizer differs from transformers; it checked every eval prompt
+    (chat-formatted) and response plus the non-ASCII sample."""
+    from olive_lab.tokenizer import MULTILINGUAL_SAMPLE
+
+    rows = sum(
+        len((smoke_repo / f"data/split/{t}/eval.jsonl").read_text().splitlines()) for t in ("travel", "trip_json")
+    )
+    assert metrics(smoke_repo, "optimize.json")["tokenizer_texts_checked"] == 2 * rows + len(MULTILINGUAL_SAMPLE)
+
+
+def test_plain_ort_genai_api_on_the_real_model(smoke_repo):
+    from tests.test_genai_interop import plain_genai_replies
+
+    base, tuned = plain_genai_replies(smoke_repo / "models/onnx", "trip_json", max_new_tokens=48)
+    assert base.strip() and tuned.strip() and tuned != base
+    assert tuned.lstrip().startswith("{"), f"the trip_json adapter should answer in JSON: {tuned!r}"
 
 
 def test_upload_dry_run_and_second_repro_is_a_no_op(smoke_repo):

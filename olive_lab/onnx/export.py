@@ -17,10 +17,11 @@ import time
 from pathlib import Path
 
 from olive_lab.errors import StageError
-from olive_lab.files import atomic_dir, dir_size_mb
+from olive_lab.files import atomic_dir, dir_size_mb, remove_outputs
 from olive_lab.int4_grid import META_FILE
 from olive_lab.onnx.build import export_model, set_cuda_graph
 from olive_lab.onnx.lora import add_lora_inputs, peft_to_inputs, read_adapter, write_adapter
+from olive_lab.tokenizer import canonicalize
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ def build_onnx(
             execution_provider=execution_provider,
             lm_head=lm_head,
         )
+        canonicalize(model_dir)  # the builder re-saves the tokenizer with transformers: keep the canonical form
         if execution_provider == "cuda":
             set_cuda_graph(model_dir, cuda_graph)
         slots = add_lora_inputs(model_dir / "model.onnx", config, lora_layout) if adapters else []
@@ -152,8 +154,6 @@ def export_and_check(
 
     Returns (metrics, perf): perf holds the wall-clock seconds, which nothing downstream depends on.
     """
-    from olive_lab.onnx.check import int4_grid_error
-
     check_inputs(hf_dir, adapters)
     info = build_onnx(
         hf_dir,
@@ -175,10 +175,42 @@ def export_and_check(
         "lm_head": opt.get("lm_head", "int8"),
         "lora_layout": opt.get("lora_layout", "branches"),
     }
-    if opt["precision"] == "int4":
-        metrics["int4_grid_error"] = int4_grid_error(out / "model" / "model.onnx", hf_dir)
-        log.info("int4 weights vs %s: %s", hf_dir, metrics["int4_grid_error"])
     start = time.time()
-    metrics["agreement"] = torch_agreement(out, hf_dir, adapters, rows, max_len)
-    perf["agreement_seconds"] = round(time.time() - start, 1)
+    try:  # a model that fails a check is removed: nothing half-right is left for DVC to cache
+        metrics.update(check_export(out, hf_dir, adapters, rows, max_len, opt["precision"]))
+    except BaseException:
+        remove_outputs(out)
+        raise
+    perf["check_seconds"] = round(time.time() - start, 1)
     return metrics, perf
+
+
+def check_export(out: Path, hf_dir: Path, adapters: dict[str, Path], rows: dict[str, list[dict]], max_len: int,
+                 precision: str) -> dict:  # fmt: skip
+    """The built model against its source: ORT GenAI's tokenizer vs transformers' (a mismatch stops here), the
+    int4 weights vs the quantize stage's grid, and ONNX vs torch logits on every row (with each adapter)."""
+    from olive_lab.lm import load_tokenizer, prompt_text
+    from olive_lab.onnx.check import int4_grid_error
+    from olive_lab.tokenizer import MULTILINGUAL_SAMPLE, roundtrip_mismatches
+
+    tok = load_tokenizer(hf_dir)
+    texts = [
+        text
+        for task_rows in rows.values()
+        for r in task_rows
+        for text in (prompt_text(tok, r["prompt"]), r["response"])
+    ]
+    texts += MULTILINGUAL_SAMPLE
+    problems = roundtrip_mismatches(out / "model", hf_dir, texts)
+    if problems:
+        raise StageError(
+            f"{out / 'model'}: ORT GenAI's tokenizer disagrees with transformers on {len(problems)} of {len(texts)} "
+            f"texts; first: {problems[0]}"
+        )
+    log.info("tokenizer: ORT GenAI equals transformers on %d texts (ids, decode, stream)", len(texts))
+    checks: dict = {"tokenizer_texts_checked": len(texts)}
+    if precision == "int4":
+        checks["int4_grid_error"] = int4_grid_error(out / "model" / "model.onnx", hf_dir)
+        log.info("int4 weights vs %s: %s", hf_dir, checks["int4_grid_error"])
+    checks["agreement"] = torch_agreement(out, hf_dir, adapters, rows, max_len)
+    return checks
