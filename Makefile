@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # dvc.yaml's stage commands call `python`: make it the venv's for every target (repro, push, pull, ...)
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: help setup lock params repro chat test test-fast lint format clean bench-chat bench-lora bench-setup bench-cpu \
+.PHONY: help setup lock params deps repro chat test test-fast lint format clean bench-chat bench-lora bench-setup bench-cpu \
         remote-up remote-down push pull
 
 help:  ## list the targets
@@ -39,6 +39,9 @@ lock:  ## re-resolve requirements.in into requirements.lock in a fresh venv (UPG
 
 params:  ## compose conf/ into params.yaml (what `dvc exp run` does)
 	$(BIN)/python -m tools.params
+
+deps:  ## rewrite dvc.yaml's code deps from what each stage imports (tests/test_dvc_graph.py checks them)
+	$(BIN)/python -m tools.code_deps --write
 
 repro:  ## run the whole pipeline
 	$(BIN)/dvc repro

@@ -17,6 +17,7 @@ from olive_lab.decode import SPEED_PROMPT, ort_run
 from olive_lab.errors import StageError
 from olive_lab.files import dir_size_mb, write_csv
 from olive_lab.lm import end_token, eval_loss, greedy_replies, load_model, load_tokenizer, prompt_text
+from olive_lab.memory import require_fits
 from olive_lab.onnx.check import onnx_loss
 from olive_lab.scoring import JSON_TASK, json_scores, loss_entries
 
@@ -149,6 +150,7 @@ def evaluate_all(
     """Every variant. Returns (quality metrics, perf): perf holds each ONNX variant's TTFT, tok/s and peak RSS and
     the stage's seconds, apart from the quality figures that the upload stage tags the model with."""
     gen_rows = rows[JSON_TASK][: ev["max_prompts"]] if JSON_TASK in rows else []
+    require_fits(models.base, "evaluate", device)
     start = time.time()
     results = torch_variants(models, upstream, rows, gen_rows, ev, device, tasks)
     log.info("torch variants done at %.0f s", time.time() - start)

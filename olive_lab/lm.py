@@ -46,11 +46,7 @@ def encode_example(tokenizer, prompt: str, response: str, max_len: int) -> tuple
 
 
 def end_token(tokenizer) -> int:
-    # The chat template closes a turn with its own marker (<|im_end|> for SmolLM2, <|end|> for Phi-3.5).
-    for marker in ("<|im_end|>", "<|end|>", "<|eot_id|>"):
-        tid = tokenizer.convert_tokens_to_ids(marker)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid is not None:
-            return tid
+    """The token that closes a chat turn: the tokenizer's eos, which the base stage sets from model.eos_token."""
     return tokenizer.eos_token_id
 
 

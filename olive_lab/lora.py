@@ -10,8 +10,10 @@ import random
 import time
 from pathlib import Path
 
+from olive_lab.errors import StageError
 from olive_lab.files import atomic_dir, read_jsonl
 from olive_lab.lm import batches, encode_example, eval_loss, load_model, load_tokenizer, token_nll
+from olive_lab.memory import require_fits
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,8 @@ def finetune(task: str, s: dict, device: str, base: Path, splits: Path, out: Pat
 
     train_rows = read_jsonl(splits / task / "train.jsonl")
     eval_rows = read_jsonl(splits / task / "eval.jsonl")
+    check_targets(base, list(s["target_modules"]))
+    require_fits(base, "finetune", device)
     torch.manual_seed(s["seed"])
     tokenizer = load_tokenizer(base)
     model = load_model(base, device)
@@ -123,6 +127,26 @@ def random_adapter(base: Path, out: Path, seed: int, r: int = 4, target_modules:
     )
     get_peft_model(model, config).save_pretrained(str(out))
     return out
+
+
+def check_targets(model_dir: Path, targets: list[str]) -> None:
+    """Every configured LoRA target must name Linear layers inside the model's decoder: peft accepts a list where
+    only some match (Phi-3 has no q_proj) and silently adapts fewer layers. Checked on the meta device."""
+    import json
+
+    from olive_lab.memory import meta_model
+
+    config_file = Path(model_dir) / "config.json"
+    if not config_file.exists():
+        raise StageError(f"{config_file}: not found (run the stage that makes {model_dir})")
+    model = meta_model(json.loads(config_file.read_text()))
+    have = decoder_linear_names(model)
+    missing = [t for t in targets if t not in have]
+    if missing or not targets:
+        raise StageError(
+            f"params.yaml: model.lora_targets {missing or targets} not found among the Linear layers of "
+            f"{type(model).__name__}; it has {have}"
+        )
 
 
 def decoder_linear_names(model) -> list[str]:

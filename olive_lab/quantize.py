@@ -18,6 +18,7 @@ from olive_lab.errors import StageError
 from olive_lab.files import atomic_dir, dir_size_mb, read_jsonl, remove_outputs, write_json
 from olive_lab.int4_grid import META_FILE, quantized_layers
 from olive_lab.lm import encode_example, eval_nll, load_model, load_tokenizer
+from olive_lab.memory import require_fits
 from olive_lab.scoring import perplexity
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,33 @@ def calibration_dataset(tokenizer, rows: list[dict], seq_len: int, samples: int)
     return Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * seq_len for _ in blocks]})
 
 
+def awq_mappings(model, configured: list[dict] | None):
+    """The AWQ smooth/balance mappings: the configured ones (model.awq_mappings: a list of {smooth_layer,
+    balance_layers}) or llm-compressor's own for the architecture. Each name or regex must match a module of the
+    model, else one line naming it and the model's module names (at run time it would be an error deep in the
+    sequential pipeline). Shape-incompatible pairs that do match (v_proj -> o_proj under GQA) llm-compressor skips."""
+    from compressed_tensors.utils.match import match_name
+    from llmcompressor.modifiers.transform.awq.dynamic_mappings import get_layer_mappings_from_model
+    from llmcompressor.modifiers.transform.awq.mappings import AWQMapping
+
+    if configured:
+        mappings = [
+            AWQMapping(smooth_layer=m["smooth_layer"], balance_layers=list(m["balance_layers"])) for m in configured
+        ]
+    else:
+        mappings = get_layer_mappings_from_model(model)
+    names = [n for n, _ in model.named_modules()]
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names if ".layers.0." in n})
+    for m in mappings:
+        for target in (m.smooth_layer, *m.balance_layers):
+            if not any(match_name(n, target) for n in names):
+                raise StageError(
+                    f"AWQ mapping {m.smooth_layer} -> {m.balance_layers}: '{target}' matches no module of "
+                    f"{type(model).__name__} (its layers have {leaves}); set model.awq_mappings"
+                )
+    return mappings
+
+
 def bake(model):
     """Replace each quantized Linear's weight by its fake-quantized value; return a plain state dict."""
     import torch
@@ -84,9 +112,18 @@ def bake(model):
     return state
 
 
-def quantize(model_dir: Path, out: Path | None, method: str, q: dict, group_size: int, rows: list[dict], device: str):
+def quantize(
+    model_dir: Path,
+    out: Path | None,
+    method: str,
+    q: dict,
+    group_size: int,
+    rows: list[dict],
+    device: str,
+    mappings: list[dict] | None = None,
+):
     """Run AWQ or RTN on the model in `model_dir`; save the fake-quantized result to `out` (unless None) and return it
-    as a plain model on `device`."""
+    as a plain model on `device`. `mappings`: AWQ's, from model.awq_mappings (None: llm-compressor's own)."""
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform import AWQModifier
@@ -97,7 +134,8 @@ def quantize(model_dir: Path, out: Path | None, method: str, q: dict, group_size
     groups = scheme(q["bits"], group_size, q["symmetric"])
     if method == "awq":
         # AWQ searches and folds the scales; the QuantizationModifier after it puts the weights on the grid.
-        recipe = [AWQModifier(n_grid=q["n_grid"]), QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
+        awq = AWQModifier(n_grid=q["n_grid"], mappings=awq_mappings(model, mappings))
+        recipe = [awq, QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
         data = calibration_dataset(tokenizer, rows, q["calib_seq_len"], q["calib_samples"])
         oneshot(
             model=model,
@@ -121,7 +159,7 @@ def quantize(model_dir: Path, out: Path | None, method: str, q: dict, group_size
     state = {k: v for k, v in model.state_dict().items() if k in clean.state_dict()}
     state.update(baked)
     missing, unexpected = clean.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
+    missing = [k for k in missing if not (k == "lm_head.weight" and clean.config.tie_word_embeddings)]
     if missing or unexpected:
         raise StageError(f"quantized weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if out is not None:
@@ -167,6 +205,7 @@ def compare_quantizers(
     seed: int,
     max_len: int,
     device: str,
+    mappings: list[dict] | None = None,
 ) -> tuple[dict, dict]:
     """AWQ into `out`, the RTN control in memory, fp32 as reference, each measured on every task's eval split.
 
@@ -176,6 +215,7 @@ def compare_quantizers(
     """
     if q["bits"] != 4:
         raise StageError("params.yaml: quantize.bits must be 4 (the ONNX int4 export needs it)")
+    require_fits(base, "quantize", device)
     eval_rows = {t: read_jsonl(splits / t / "eval.jsonl") for t in tasks}
     rows = calibration_rows(splits, tasks, seed)
     log.info(
@@ -198,7 +238,7 @@ def compare_quantizers(
         log.info("%s: eval loss %.4f, perplexity %.3f", name, losses[name], perplexity(losses[name]))
 
     start = time.time()
-    awq = quantize(base, out, "awq", q, group_size, rows, device)
+    awq = quantize(base, out, "awq", q, group_size, rows, device, mappings)
     awq_seconds = time.time() - start
     log.info("AWQ done in %.0f s", awq_seconds)
     measure("awq", awq)

@@ -25,6 +25,7 @@ def run(argv: list[str]) -> None:
     params = load_params(paths.PARAMS_FILE)
     settings = task_settings(params, task)
     settings["eval_max_seq_len"] = require(params, "evaluate.max_seq_len")
+    settings["target_modules"] = require(params, "model.lora_targets")  # model-specific: conf/model/<name>.yaml
     device = check_device(require(params, "device.name"))
     # The quantize stage measured the quantized model on the same rows with the same max_seq_len.
     base_loss = read_metrics(paths.QUANTIZE_METRICS).get("task_eval_loss", {}).get("awq", {}).get(task)

@@ -31,6 +31,7 @@ def run(argv: list[str]) -> None:
         opt,
         execution_provider=require(params, "device.execution_provider"),
         max_len=int(require(params, "evaluate.max_seq_len")),
+        builder_extra=require(params, "model.builder_options"),
     )
     write_json(paths.OPTIMIZE_METRICS, metrics)
     write_json(paths.perf_file("optimize"), perf)

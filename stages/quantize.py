@@ -23,6 +23,7 @@ def run(argv: list[str]) -> None:
         seed=require(params, "data.seed"),
         max_len=require(params, "evaluate.max_seq_len"),
         device=check_device(require(params, "device.name")),
+        mappings=require(params, "model.awq_mappings"),
     )
     write_json(paths.QUANTIZE_METRICS, metrics)
     write_json(paths.perf_file("quantize"), perf)

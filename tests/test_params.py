@@ -21,7 +21,8 @@ def test_overrides_compose_like_dvc_exp_run(tmp_path, monkeypatch):
     compose_params(out, ["model=phi35_mini", "finetune.max_steps=50", "device=cuda"], ROOT / "conf")
     params = yaml.safe_load(out.read_text())
     assert params["model"]["hub_id"] == "microsoft/Phi-3.5-mini-instruct"
-    assert params["model"]["group_size"] == 128
+    assert params["model"]["group_size"] == 32 and params["optimize"]["block_size"] == 32
+    assert params["model"]["lora_targets"] == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
     assert params["finetune"]["max_steps"] == 50
     assert params["device"]["execution_provider"] == "cuda"
 

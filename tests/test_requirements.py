@@ -7,7 +7,7 @@ import sys
 from importlib.metadata import packages_distributions
 
 from tests.helpers import ROOT
-from tests.test_dvc_graph import imported_modules
+from tools.code_deps import imported_modules
 
 CODE = ("olive_lab", "stages", "tools", "chat", "bench", "tests", "data")
 OURS = {"olive_lab", "stages", "tools", "chat", "bench", "tests", "conftest"}

@@ -24,7 +24,9 @@ LM_HEADS = ("fp32", "int8", "int4")
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # what MatMulNBits accepts
 
 
-def builder_options(precision: str, block_size: int, accuracy_level: int, lm_head: str) -> list[str]:
+def builder_options(
+    precision: str, block_size: int, accuracy_level: int, lm_head: str, extra: dict | None = None
+) -> list[str]:
     """KEY=VALUE options for the builder.
 
     int4 is asymmetric min/max round-to-nearest per `block_size` inputs, the grid the quantize stage left the
@@ -37,8 +39,11 @@ def builder_options(precision: str, block_size: int, accuracy_level: int, lm_hea
     """
     if precision not in PRECISIONS:
         raise StageError(f"params.yaml: optimize.precision must be one of {PRECISIONS}, not '{precision}'")
+    overrides = [
+        f"{key}={str(value).lower() if isinstance(value, bool) else value}" for key, value in (extra or {}).items()
+    ]
     if precision == "fp32":
-        return []
+        return overrides
     if block_size not in BLOCK_SIZES:
         raise StageError(f"params.yaml: optimize.block_size must be one of {BLOCK_SIZES}, not {block_size}")
     if lm_head not in LM_HEADS:
@@ -56,7 +61,9 @@ def builder_options(precision: str, block_size: int, accuracy_level: int, lm_hea
         opts += ["matmul_mixed_precision=last_matmul:int8", "shared_embeddings=false"]
     else:
         opts.append("shared_embeddings=false")
-    return opts
+    # model.builder_options: the model's own (e.g. an int4 algorithm); a key given twice keeps the model's value
+    given = {o.split("=", 1)[0] for o in overrides}
+    return [o for o in opts if o.split("=", 1)[0] not in given] + overrides
 
 
 def export_model(
@@ -68,6 +75,7 @@ def export_model(
     accuracy_level: int,
     execution_provider: str,
     lm_head: str,
+    extra_options: dict | None = None,
 ) -> None:
     """Run the builder on `hf_dir`, writing model.onnx(+.data), genai_config.json and tokenizer files to `out_dir`."""
     if execution_provider not in PROVIDERS:
@@ -77,7 +85,7 @@ def export_model(
     import onnxruntime_genai.models  # noqa: F401  (puts the builder's own modules on sys.path)
     from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
-    extra = builder_options(precision, block_size, accuracy_level, lm_head)
+    extra = builder_options(precision, block_size, accuracy_level, lm_head, extra_options)
     log.info("exporting %s -> %s (%s, %s, %s)", hf_dir, out_dir, precision, execution_provider, " ".join(extra))
     cache = Path(tempfile.mkdtemp(prefix="builder-cache-"))
     quiet = logging.getLogger("onnxruntime.quantization")

@@ -64,7 +64,9 @@ def int4_grid_error(onnx_path: Path, hf_dir: Path) -> dict[str, float]:
         if node.op_type != "MatMulNBits" or not match:
             continue
         layer, block, proj = match[1], HF_BLOCK[match[2]], match[3]
-        parts = PACKED.get(proj, (proj,))
+        # Phi-3 checkpoints hold qkv_proj / gate_up_proj themselves; Llama-style ones hold the parts
+        fused = f"model.layers.{layer}.{block}.{proj}.weight" in hf
+        parts = (proj,) if fused else PACKED.get(proj, (proj,))
         ref = np.concatenate([hf[f"model.layers.{layer}.{block}.{p}.weight"] for p in parts]).astype(np.float32)
         got = dequantize_matmulnbits(node, inits)
         if got.shape != ref.shape:

@@ -19,6 +19,7 @@ from pathlib import Path
 from olive_lab.errors import StageError
 from olive_lab.files import atomic_dir, dir_size_mb, remove_outputs
 from olive_lab.int4_grid import META_FILE
+from olive_lab.memory import require_fits
 from olive_lab.onnx.build import export_model, set_cuda_graph
 from olive_lab.onnx.lora import add_lora_inputs, peft_to_inputs, read_adapter, write_adapter
 from olive_lab.tokenizer import canonicalize
@@ -41,6 +42,16 @@ def check_inputs(hf_dir: Path, adapters: dict[str, Path]) -> dict:
     return json.loads(config_file.read_text())
 
 
+def weight_names(hf_dir: Path) -> set[str]:
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for f in sorted(Path(hf_dir).glob("*.safetensors")):
+        with safe_open(str(f), "np") as handle:
+            names |= set(handle.keys())
+    return names
+
+
 def build_onnx(
     hf_dir: Path | str,
     out_dir: Path | str,
@@ -53,6 +64,7 @@ def build_onnx(
     lm_head: str = "int8",
     lora_layout: str = "branches",
     cuda_graph: bool = False,
+    builder_extra: dict | None = None,
 ) -> dict:
     """Build `out_dir`/model (ORT GenAI) and `out_dir`/adapters/<name>.onnx_adapter for each PEFT folder.
 
@@ -78,11 +90,12 @@ def build_onnx(
             accuracy_level=accuracy_level,
             execution_provider=execution_provider,
             lm_head=lm_head,
+            extra_options=builder_extra,
         )
         canonicalize(model_dir)  # the builder re-saves the tokenizer with transformers: keep the canonical form
         if execution_provider == "cuda":
             set_cuda_graph(model_dir, cuda_graph)
-        slots = add_lora_inputs(model_dir / "model.onnx", config, lora_layout) if adapters else []
+        slots = add_lora_inputs(model_dir / "model.onnx", config, lora_layout, weight_names(hf_dir)) if adapters else []
         for name, folder in adapters.items():
             values = peft_to_inputs(folder, slots, switch=lora_layout == "switch")
             write_adapter(values, adapter_dir / f"{name}.onnx_adapter")
@@ -149,12 +162,14 @@ def export_and_check(
     opt: dict,
     execution_provider: str,
     max_len: int,
+    builder_extra: dict | None = None,
 ) -> tuple[dict, dict]:
     """build_onnx with the `optimize` params, then the int4 grid check and the agreement with torch on `rows`.
 
     Returns (metrics, perf): perf holds the wall-clock seconds, which nothing downstream depends on.
     """
     check_inputs(hf_dir, adapters)
+    require_fits(hf_dir, "optimize", "cpu")  # the builder works on the host whatever the target
     info = build_onnx(
         hf_dir,
         out,
@@ -166,6 +181,7 @@ def export_and_check(
         lm_head=opt.get("lm_head", "int8"),
         lora_layout=opt.get("lora_layout", "branches"),
         cuda_graph=bool(opt.get("cuda_graph", False)),
+        builder_extra=builder_extra,
     )
     perf = {"build_seconds": info.pop("build_seconds")}
     log.info("built %s in %.0f s (%.1f MB)", out, perf["build_seconds"], info["model_mb"])

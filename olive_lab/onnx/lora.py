@@ -27,6 +27,7 @@ from olive_lab.errors import StageError
 PROJ_NODE = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(\w+_proj)/MatMul(?:_Q\d+)?$")
 # The HF modules behind each packed projection, in the order the builder packs their outputs.
 PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+HF_BLOCK = {"attn": "self_attn", "mlp": "mlp"}  # builder block name -> Hugging Face module name
 PEFT_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight$")
 LAYOUTS = ("branches", "switch")
 SWITCH = "lora_active"  # layout "switch": 0 (default) runs the plain graph, adapters carry 1
@@ -54,7 +55,9 @@ class LoraSlot:
         return f"{self.name}.lora_B.weight"
 
 
-def part_widths(hf_config: dict, proj: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
+def part_widths(hf_config: dict, proj: str, fused_in_hf: bool = False) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """The Hugging Face modules behind a builder projection and their output widths. `fused_in_hf`: the checkpoint
+    itself has `proj` (Phi-3's qkv_proj and gate_up_proj), so PEFT trains it as one module."""
     head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // hf_config["num_attention_heads"]
     sizes = {
         "q_proj": hf_config["num_attention_heads"] * head_dim,
@@ -65,7 +68,8 @@ def part_widths(hf_config: dict, proj: str) -> tuple[tuple[str, ...], tuple[int,
         "up_proj": hf_config["intermediate_size"],
         "down_proj": hf_config["hidden_size"],
     }
-    parts = PACKED.get(proj, (proj,))
+    sizes |= {packed: sum(sizes[p] for p in parts) for packed, parts in PACKED.items()}
+    parts = (proj,) if fused_in_hf else PACKED.get(proj, (proj,))
     return parts, tuple(sizes[p] for p in parts)
 
 
@@ -80,12 +84,15 @@ def _weight_shape(graph, node) -> tuple[int, int]:
     raise StageError(f"{node.name}: weight initializer not found")
 
 
-def add_lora_inputs(model_path: Path, hf_config: dict, layout: str = "branches") -> list[LoraSlot]:
+def add_lora_inputs(
+    model_path: Path, hf_config: dict, layout: str = "branches", hf_weights: set[str] | frozenset = frozenset()
+) -> list[LoraSlot]:
     """Give every decoder projection of `model_path` a LoRA branch fed by optional inputs; rewrite it in place.
 
     layout "switch" also keeps the plain graph and picks one of the two with an If on the SWITCH input, which
     adapters set to 1: no LoRA node runs without an adapter, but ORT pre-packs the int4 weights once per branch.
-    Only the graph proto changes: the weights stay in the external data file next to it.
+    Only the graph proto changes: the weights stay in the external data file next to it. `hf_weights`: the
+    checkpoint's weight names, which tell whether a packed projection is one module there (Phi-3) or several.
     """
     import onnx
     from onnx import helper
@@ -110,7 +117,8 @@ def add_lora_inputs(model_path: Path, hf_config: dict, layout: str = "branches")
         if not match:
             continue
         layer, block, proj = int(match[1]), match[2], match[3]
-        parts, widths = part_widths(hf_config, proj)
+        fused = f"model.layers.{layer}.{HF_BLOCK[block]}.{proj}.weight" in hf_weights
+        parts, widths = part_widths(hf_config, proj, fused)
         k, n = _weight_shape(graph, node)
         if sum(widths) != n:
             raise StageError(
