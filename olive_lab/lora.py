@@ -76,10 +76,10 @@ def finetune(task: str, s: dict, device: str, base: Path, splits: Path, out: Pat
     metrics), else measured here."""
     import torch
 
+    check_targets(base, list(s["target_modules"]))  # config problems first, before any data or weights are read
+    require_fits(base, "finetune", device)
     train_rows = read_jsonl(splits / task / "train.jsonl")
     eval_rows = read_jsonl(splits / task / "eval.jsonl")
-    check_targets(base, list(s["target_modules"]))
-    require_fits(base, "finetune", device)
     torch.manual_seed(s["seed"])
     tokenizer = load_tokenizer(base)
     model = load_model(base, device)

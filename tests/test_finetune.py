@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from olive_lab.errors import StageError
 from olive_lab.lm import IGNORE, encode_example, load_tokenizer
 from olive_lab.lora import finetune
 from tests.helpers import ROOT
@@ -61,8 +62,11 @@ def test_same_seed_gives_the_same_adapter_and_training_lowers_the_loss(tiny_base
 
 
 def test_a_failed_run_leaves_no_adapter_folder(tiny_base, splits, tmp_path):
-    bad = dict(SETTINGS, target_modules=["no_such_module"])
-    with pytest.raises(ValueError):
+    bad = dict(SETTINGS, target_modules=["q_proj", "no_such_module"])
+    with pytest.raises(
+        StageError,
+        match=r"model.lora_targets \['no_such_module'\] not found among the Linear layers of LlamaForCausalLM; it has \['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj'\]",
+    ):
         finetune("travel", bad, "cpu", tiny_base, splits, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     shutil.rmtree(tmp_path, ignore_errors=True)
