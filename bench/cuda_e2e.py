@@ -1,9 +1,15 @@
-"""device=cuda end to end on a GPU machine: stage timings, ORT GenAI (CUDA) against torch eager, a scripted chat.
+"""device=cuda end to end on a GPU machine: stage costs, ORT GenAI (CUDA) against torch eager, a scripted chat.
 
 Run from the repository root on the GPU machine, with params.yaml composed for the GPU
 (`python -m tools.params device=cuda`), onnxruntime-gpu + onnxruntime-genai-cuda installed (`make setup GPU=1`):
 
-    python -m bench.cuda_e2e [--skip-stages] [--out bench/results/<date>-cuda.json]
+    python -m bench.cuda_e2e [--skip-stages] [--out bench/results/<date>-cuda.json]          # all in one go
+
+or in steps that each fit a time-limited call (the state file collects them; bench/gpu/run_phi35_shape.sh):
+
+    python -m bench.cuda_e2e stages base data quantize --state S    # each stage: seconds, peak RSS, peak GPU memory
+    python -m bench.cuda_e2e measure --layouts branches,plain --state S
+    python -m bench.cuda_e2e report --state S --out bench/results/<date>-cuda-phi35-shape.json
 
 Baseline in the same run: torch eager `generate` (bf16, the quantized model's weights) on the same GPU.
 """
@@ -13,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from datetime import date
@@ -21,7 +26,7 @@ from pathlib import Path
 
 from olive_lab.decode import linked_copy, ort_greedy  # the evaluate stage's own timing loop
 
-STAGES = [["base"], ["data"], ["quantize"], ["finetune", "travel"], ["finetune", "trip_json"], ["optimize"]]
+STAGES = [["base"], ["data"], ["quantize"], ["finetune", "travel"], ["finetune", "trip_json"], ["optimize"], ["evaluate"]]
 PROMPT = (
     "I am planning a two-week trip through Portugal and Spain next spring with my partner. We like food, "
     "architecture, long walks and a little nightlife, and we would rather take trains than fly. Suggest a route "
@@ -32,18 +37,18 @@ ROUNDS = 5
 TASKS = ("travel", "trip_json")
 
 
-def run_stages() -> dict[str, float]:
-    seconds = {}
-    for stage in STAGES:
+def run_stages(stages: list[list[str]] = STAGES) -> dict[str, dict]:
+    """Each stage as `python -m stages.<name>`: its seconds, peak host RSS and peak GPU memory (process tree)."""
+    from olive_lab.profiling import run_measured
+
+    costs = {}
+    for stage in stages:
         name = "@".join(stage) if len(stage) > 1 else stage[0]
-        start = time.time()
-        proc = subprocess.run([sys.executable, "-m", f"stages.{stage[0]}", *stage[1:]], capture_output=True, text=True)
-        seconds[name] = round(time.time() - start, 1)
-        print(f"{name}: {seconds[name]} s (exit {proc.returncode})", flush=True)
-        if proc.returncode != 0:
-            print(proc.stderr[-3000:], flush=True)
+        code, costs[name] = run_measured([sys.executable, "-m", f"stages.{stage[0]}", *stage[1:]])
+        print(f"{name}: {costs[name]} (exit {code})", flush=True)
+        if code != 0:
             raise SystemExit(f"stage {name} failed")
-    return seconds
+    return costs
 
 
 def torch_eager(model_dir: str, ids: list[int], adapter: Path | None = None) -> dict:
@@ -150,7 +155,7 @@ def scripted_chat(model_dir: Path) -> list[dict]:
     return log
 
 
-def build_variants(root: Path) -> dict[str, Path]:
+def build_variants(root: Path, layouts: tuple[str, ...] = ("branches", "plain", "switch")) -> dict[str, Path]:
     """The stage's model (multi-LoRA branches) plus, for comparison, the plain model and the `switch` layout."""
     import yaml
 
@@ -165,28 +170,18 @@ def build_variants(root: Path) -> dict[str, Path]:
         lm_head=opt["lm_head"],
     )
     adapters = {task: Path("models/adapters") / task for task in TASKS}
-    build_onnx("models/quantized", root / "plain", {}, **common)
-    build_onnx("models/quantized", root / "switch", adapters, **common, lora_layout="switch")
-    return {"branches": Path("models/onnx"), "plain": root / "plain", "switch": root / "switch"}
+    variants = {"branches": Path("models/onnx")}
+    if "plain" in layouts:
+        build_onnx("models/quantized", root / "plain", {}, **common)
+        variants["plain"] = root / "plain"
+    if "switch" in layouts:
+        build_onnx("models/quantized", root / "switch", adapters, **common, lora_layout="switch")
+        variants["switch"] = root / "switch"
+    return variants
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--skip-stages", action="store_true", help="measure existing models/ only")
-    parser.add_argument("--out", default=f"bench/results/{date.today()}-cuda.json")
-    parser.add_argument("--work", default="/tmp/cuda_e2e", help="scratch folder for the extra builds")
-    args = parser.parse_args()
-
-    import torch  # first: onnxruntime-gpu finds the CUDA libraries torch brings
-
-    result: dict = {
-        "date": str(date.today()),
-        "device": torch.cuda.get_device_name(0),
-        "new_tokens": NEW_TOKENS,
-        "rounds": ROUNDS,
-    }
-    if not args.skip_stages:
-        result["stage_seconds"] = run_stages()
+def measure(result: dict, work: Path, layouts: tuple[str, ...]) -> None:
+    """torch eager and ORT GenAI (each layout, CUDA graphs off and on) on the same prompt, then the chat engine."""
     from transformers import AutoTokenizer
 
     from olive_lab.lm import prompt_text
@@ -198,10 +193,8 @@ def main() -> None:
     for task in TASKS:
         result["torch_eager_bf16"][task] = torch_eager("models/quantized", ids, Path("models/adapters") / task)
     print("torch eager:", result["torch_eager_bf16"], flush=True)
-
-    work = Path(args.work)
     result["ort_genai"] = {}
-    for layout, folder in build_variants(work).items():
+    for layout, folder in build_variants(work, layouts).items():
         names = [None] if layout == "plain" else [None, *TASKS]
         for graph in (False, True):
             variant = f"{layout}{'+cuda_graph' if graph else ''}"
@@ -220,9 +213,81 @@ def main() -> None:
             )
     result["ratios"] = ratios(result)
     result["chat"] = scripted_chat(Path("models/onnx"))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result["ratios"], indent=2))
+
+
+def summary(result: dict) -> dict:
+    """The keys the any-model issue asks for, from a full run's state."""
+    import yaml
+
+    from olive_lab.files import dir_size_mb
+    from olive_lab.memory import param_count
+
+    config = json.loads(Path("models/quantized/config.json").read_text())
+    ort = result["ort_genai"]["branches+cuda_graph"]
+    eager = result["torch_eager_bf16"]
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    return {
+        "date": result["date"],
+        "device": result["device"],
+        "model": params["model"]["name"],
+        "params_b": round(param_count(config) / 1e9, 3),
+        "stages": result.get("stages", {}),
+        "sizes_mb": {
+            "base": dir_size_mb("models/base"),
+            "quantized_fake_quant_fp32": dir_size_mb("models/quantized"),
+            "onnx_model": dir_size_mb("models/onnx/model"),
+            **{f"adapter_{t}": dir_size_mb(f"models/onnx/adapters/{t}.onnx_adapter") for t in TASKS},
+        },
+        "decode_tok_s": {
+            "ort_base": ort["base"]["decode_tok_s"],
+            "ort_adapter": {t: ort[t]["decode_tok_s"] for t in TASKS},
+            "torch_base": eager["base"]["decode_tok_s"],
+            "torch_adapter": {t: eager[t]["decode_tok_s"] for t in TASKS},
+            "ort_plain_model": result["ort_genai"].get("plain+cuda_graph", {}).get("base", {}).get("decode_tok_s"),
+        },
+        "ttft_ms": {
+            "ort_base": ort["base"]["ttft_ms"],
+            **{f"ort_{t}": ort[t]["ttft_ms"] for t in TASKS},
+            "torch_base": eager["base"]["ttft_ms"],
+        },  # fmt: skip
+        "ort_over_torch": round(ort["base"]["decode_tok_s"] / eager["base"]["decode_tok_s"], 2),
+        "adapter_cost": {t: round(1 - ort[t]["decode_tok_s"] / ort["base"]["decode_tok_s"], 3) for t in TASKS},
+        "greedy_tokens_same_after_switching": ort.get("switching_gives_same_tokens"),
+        "chat": result.get("chat"),
+        "prompt_tokens": result.get("prompt_tokens"),
+        "new_tokens": NEW_TOKENS,
+        "rounds": ROUNDS,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("step", nargs="?", choices=("all", "stages", "measure", "report"), default="all")
+    parser.add_argument("stages", nargs="*", help="with `stages`: which (e.g. base data quantize finetune@travel)")
+    parser.add_argument("--skip-stages", action="store_true", help="measure existing models/ only")
+    parser.add_argument("--out", default=f"bench/results/{date.today()}-cuda.json")
+    parser.add_argument("--state", default="/tmp/cuda_e2e/state.json", help="results collected across steps")
+    parser.add_argument("--layouts", default="branches,plain,switch", help="ORT GenAI layouts to compare")
+    parser.add_argument("--work", default="/tmp/cuda_e2e", help="scratch folder for the extra builds")
+    args = parser.parse_args()
+
+    import torch  # first: onnxruntime-gpu finds the CUDA libraries torch brings
+
+    state_file = Path(args.state)
+    result: dict = json.loads(state_file.read_text()) if state_file.exists() and args.step != "all" else {}
+    result.update(date=str(date.today()), device=torch.cuda.get_device_name(0), new_tokens=NEW_TOKENS, rounds=ROUNDS)
+    if args.step in ("all", "stages") and not args.skip_stages:
+        chosen = [s.split("@") for s in args.stages] if args.stages else STAGES
+        result.setdefault("stages", {}).update(run_stages(chosen))
+    if args.step in ("all", "measure"):
+        measure(result, Path(args.work), tuple(args.layouts.split(",")))
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    state_file.write_text(json.dumps(result, indent=2) + "\n")
+    if args.step in ("all", "report"):
+        out = summary(result) if args.step == "report" else result
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+        print(json.dumps({k: v for k, v in out.items() if k not in ("chat", "ort_genai")}, indent=2))
 
 
 def ratios(result: dict) -> dict:

@@ -5,7 +5,8 @@ Sources (params `model.source`):
   hub           a Hugging Face hub model (e.g. microsoft/Phi-3.5-mini-instruct); needs hub access or a filled cache
   local         a Hugging Face folder on disk (`model.path`)
   random        random init of any transformers architecture (`model.arch`: model_type + dimensions) with the
-                shipped SmolLM2 tokenizer and the family's chat template (`model.chat_template`, `special_tokens`)
+                shipped SmolLM2 tokenizer (or `model.tokenizer_dir`) and the family's chat template
+                (`model.chat_template`, `special_tokens`)
 
 Everything model-specific comes from conf/model/<name>.yaml; the end of a chat turn is `model.eos_token` (the
 tokenizer's own eos when null), written into the tokenizer, config.json and generation_config.json so that every
@@ -104,8 +105,14 @@ def one_line(exc: BaseException) -> str:
 
 
 def borrowed_tokenizer(model_params: dict):
-    """The shipped SmolLM2 tokenizer with the configured family's chat template and special tokens."""
-    tok = load_gguf_tokenizer(gguf_path(model_params["package"], model_params["gguf_file"]), None)
+    """The shipped SmolLM2 tokenizer (or the Hugging Face tokenizer folder `model.tokenizer_dir`) with the
+    configured family's chat template and special tokens."""
+    if model_params.get("tokenizer_dir"):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(Path(model_params["tokenizer_dir"]).expanduser()))
+    else:
+        tok = load_gguf_tokenizer(gguf_path(model_params["package"], model_params["gguf_file"]), None)
     extra = list(model_params.get("special_tokens") or [])
     if extra:
         tok.add_special_tokens({"additional_special_tokens": extra})

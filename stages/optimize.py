@@ -19,7 +19,7 @@ def run(argv: list[str]) -> None:
     params = load_params(paths.PARAMS_FILE)
     opt = require(params, "optimize")
     tasks = require(params, "tasks")
-    check_device(require(params, "device.name"))
+    device = check_device(require(params, "device.name"))
     adapters = {task: paths.adapter_dir(task) for task in tasks}
     check_inputs(paths.QUANTIZED, adapters)  # before reading anything else
     rows = {task: read_jsonl(paths.SPLITS / task / "eval.jsonl")[: opt.get("eval_rows")] for task in tasks}
@@ -32,6 +32,7 @@ def run(argv: list[str]) -> None:
         execution_provider=require(params, "device.execution_provider"),
         max_len=int(require(params, "evaluate.max_seq_len")),
         builder_extra=require(params, "model.builder_options"),
+        device=device,  # torch's side of the agreement check
     )
     write_json(paths.OPTIMIZE_METRICS, metrics)
     write_json(paths.perf_file("optimize"), perf)

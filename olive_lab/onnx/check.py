@@ -145,10 +145,11 @@ def agreement(onnx_lm: OnnxLM, torch_model, tokenizer, rows: list[dict], max_len
 
     same = total = 0
     nll_onnx = nll_torch = rms_rel = max_rel = 0.0
+    device = next(torch_model.parameters()).device
     for row in rows:
         ids, labels = encode_example(tokenizer, row["prompt"], row["response"], max_len)
         with torch.inference_mode():
-            ref = torch_model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+            ref = torch_model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu().numpy()
         got = onnx_lm.logits(ids, adapter)
         diff, spread = got - ref, float(ref.std())
         rms_rel = max(rms_rel, float(np.sqrt((diff**2).mean())) / spread)

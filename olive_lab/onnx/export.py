@@ -111,7 +111,12 @@ def build_onnx(
 
 
 def torch_agreement(
-    onnx_dir: Path, hf_dir: Path, adapters: dict[str, Path], rows: dict[str, list[dict]], max_len: int
+    onnx_dir: Path,
+    hf_dir: Path,
+    adapters: dict[str, Path],
+    rows: dict[str, list[dict]],
+    max_len: int,
+    device: str = "cpu",
 ) -> dict:
     """Per task: ONNX (base + .onnx_adapter) vs torch (base + PEFT) on that task's rows; plus the base alone."""
     from peft import PeftModel
@@ -121,7 +126,7 @@ def torch_agreement(
 
     tokenizer = load_tokenizer(hf_dir)
     onnx_lm = OnnxLM(onnx_dir / "model")
-    base = load_model(hf_dir)
+    base = load_model(hf_dir, device)
     result = {"base": pooled({t: agreement(onnx_lm, base, tokenizer, r, max_len) for t, r in rows.items()})}
     log.info("base: %s", result["base"])
     model = None
@@ -163,6 +168,7 @@ def export_and_check(
     execution_provider: str,
     max_len: int,
     builder_extra: dict | None = None,
+    device: str = "cpu",
 ) -> tuple[dict, dict]:
     """build_onnx with the `optimize` params, then the int4 grid check and the agreement with torch on `rows`.
 
@@ -193,7 +199,7 @@ def export_and_check(
     }
     start = time.time()
     try:  # a model that fails a check is removed: nothing half-right is left for DVC to cache
-        metrics.update(check_export(out, hf_dir, adapters, rows, max_len, opt["precision"]))
+        metrics.update(check_export(out, hf_dir, adapters, rows, max_len, opt["precision"], device))
     except BaseException:
         remove_outputs(out)
         raise
@@ -202,7 +208,7 @@ def export_and_check(
 
 
 def check_export(out: Path, hf_dir: Path, adapters: dict[str, Path], rows: dict[str, list[dict]], max_len: int,
-                 precision: str) -> dict:  # fmt: skip
+                 precision: str, device: str = "cpu") -> dict:  # fmt: skip
     """The built model against its source: ORT GenAI's tokenizer vs transformers' (a mismatch stops here), the
     int4 weights vs the quantize stage's grid, and ONNX vs torch logits on every row (with each adapter)."""
     from olive_lab.lm import load_tokenizer, prompt_text
@@ -228,5 +234,5 @@ def check_export(out: Path, hf_dir: Path, adapters: dict[str, Path], rows: dict[
     if precision == "int4":
         checks["int4_grid_error"] = int4_grid_error(out / "model" / "model.onnx", hf_dir)
         log.info("int4 weights vs %s: %s", hf_dir, checks["int4_grid_error"])
-    checks["agreement"] = torch_agreement(out, hf_dir, adapters, rows, max_len)
+    checks["agreement"] = torch_agreement(out, hf_dir, adapters, rows, max_len, device)
     return checks
