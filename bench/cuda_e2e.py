@@ -25,8 +25,17 @@ from datetime import date
 from pathlib import Path
 
 from olive_lab.decode import linked_copy, ort_greedy  # the evaluate stage's own timing loop
+from olive_lab.memory import param_count
 
-STAGES = [["base"], ["data"], ["quantize"], ["finetune", "travel"], ["finetune", "trip_json"], ["optimize"], ["evaluate"]]
+STAGES = [
+    ["base"],
+    ["data"],
+    ["quantize"],
+    ["finetune", "travel"],
+    ["finetune", "trip_json"],
+    ["optimize"],
+    ["evaluate"],
+]
 PROMPT = (
     "I am planning a two-week trip through Portugal and Spain next spring with my partner. We like food, "
     "architecture, long walks and a little nightlife, and we would rather take trains than fly. Suggest a route "
@@ -37,18 +46,20 @@ ROUNDS = 5
 TASKS = ("travel", "trip_json")
 
 
-def run_stages(stages: list[list[str]] = STAGES) -> dict[str, dict]:
-    """Each stage as `python -m stages.<name>`: its seconds, peak host RSS and peak GPU memory (process tree)."""
+def run_stages(stages: list[list[str]], costs: dict, save) -> None:
+    """Each stage as `python -m stages.<name>`: its seconds, peak host RSS and peak GPU memory (process tree),
+    saved after each stage so that a failure keeps what ran before it."""
     from olive_lab.profiling import run_measured
 
-    costs = {}
     for stage in stages:
         name = "@".join(stage) if len(stage) > 1 else stage[0]
         code, costs[name] = run_measured([sys.executable, "-m", f"stages.{stage[0]}", *stage[1:]])
         print(f"{name}: {costs[name]} (exit {code})", flush=True)
         if code != 0:
+            costs[name]["failed"] = True
+            save()
             raise SystemExit(f"stage {name} failed")
-    return costs
+        save()
 
 
 def torch_eager(model_dir: str, ids: list[int], adapter: Path | None = None) -> dict:
@@ -213,37 +224,58 @@ def measure(result: dict, work: Path, layouts: tuple[str, ...]) -> None:
             )
     result["ratios"] = ratios(result)
     result["chat"] = scripted_chat(Path("models/onnx"))
+    result["sizes_mb"] = sizes_mb()
+    result["params_b"] = round(param_count(json.loads(Path("models/quantized/config.json").read_text())) / 1e9, 3)
+
+
+def sizes_mb() -> dict:
+    from olive_lab.files import dir_size_mb
+
+    return {
+        "base": dir_size_mb("models/base"),
+        "quantized_fake_quant_fp32": dir_size_mb("models/quantized"),
+        "onnx_model": dir_size_mb("models/onnx/model"),
+        **{f"onnx_adapter_{t}": dir_size_mb(f"models/onnx/adapters/{t}.onnx_adapter") for t in TASKS},
+    }
+
+
+def best_branches(result: dict) -> tuple[str, dict]:
+    """The pipeline's own layout, with CUDA graphs where ORT could capture them."""
+    for variant in ("branches+cuda_graph", "branches"):
+        measured = result["ort_genai"].get(variant, {})
+        if "base" in measured:
+            return variant, measured
+    raise SystemExit("no ORT GenAI measurement of the pipeline's model in the state file")
 
 
 def summary(result: dict) -> dict:
     """The keys the any-model issue asks for, from a full run's state."""
     import yaml
 
-    from olive_lab.files import dir_size_mb
-    from olive_lab.memory import param_count
-
-    config = json.loads(Path("models/quantized/config.json").read_text())
-    ort = result["ort_genai"]["branches+cuda_graph"]
+    variant, ort = best_branches(result)
     eager = result["torch_eager_bf16"]
     params = yaml.safe_load(Path("params.yaml").read_text())
     return {
         "date": result["date"],
         "device": result["device"],
         "model": params["model"]["name"],
-        "params_b": round(param_count(config) / 1e9, 3),
+        "params_b": result.get("params_b"),
         "stages": result.get("stages", {}),
-        "sizes_mb": {
-            "base": dir_size_mb("models/base"),
-            "quantized_fake_quant_fp32": dir_size_mb("models/quantized"),
-            "onnx_model": dir_size_mb("models/onnx/model"),
-            **{f"adapter_{t}": dir_size_mb(f"models/onnx/adapters/{t}.onnx_adapter") for t in TASKS},
-        },
+        "sizes_mb": result.get("sizes_mb", {}),
+        "ort_variant": variant,
         "decode_tok_s": {
             "ort_base": ort["base"]["decode_tok_s"],
             "ort_adapter": {t: ort[t]["decode_tok_s"] for t in TASKS},
             "torch_base": eager["base"]["decode_tok_s"],
             "torch_adapter": {t: eager[t]["decode_tok_s"] for t in TASKS},
-            "ort_plain_model": result["ort_genai"].get("plain+cuda_graph", {}).get("base", {}).get("decode_tok_s"),
+            "ort_plain_model": next(
+                (
+                    result["ort_genai"][v]["base"]["decode_tok_s"]
+                    for v in ("plain+cuda_graph", "plain")
+                    if "base" in result["ort_genai"].get(v, {})
+                ),
+                None,
+            ),  # fmt: skip
         },
         "ttft_ms": {
             "ort_base": ort["base"]["ttft_ms"],
@@ -276,13 +308,17 @@ def main() -> None:
     state_file = Path(args.state)
     result: dict = json.loads(state_file.read_text()) if state_file.exists() and args.step != "all" else {}
     result.update(date=str(date.today()), device=torch.cuda.get_device_name(0), new_tokens=NEW_TOKENS, rounds=ROUNDS)
+
+    def save() -> None:
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        state_file.write_text(json.dumps(result, indent=2) + "\n")
+
     if args.step in ("all", "stages") and not args.skip_stages:
         chosen = [s.split("@") for s in args.stages] if args.stages else STAGES
-        result.setdefault("stages", {}).update(run_stages(chosen))
+        run_stages(chosen, result.setdefault("stages", {}), save)
     if args.step in ("all", "measure"):
         measure(result, Path(args.work), tuple(args.layouts.split(",")))
-    state_file.parent.mkdir(parents=True, exist_ok=True)
-    state_file.write_text(json.dumps(result, indent=2) + "\n")
+    save()
     if args.step in ("all", "report"):
         out = summary(result) if args.step == "report" else result
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,14 @@ def check_inputs(hf_dir: Path, adapters: dict[str, Path]) -> dict:
     return json.loads(config_file.read_text())
 
 
+def control_flow_nodes(model_path: Path) -> list[str]:
+    """Names of the If/Loop/Scan nodes in the main graph (the weights stay on disk)."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return [f"{n.op_type} {n.name}" for n in graph.node if n.op_type in ("If", "Loop", "Scan")]
+
+
 def weight_names(hf_dir: Path) -> set[str]:
     from safetensors import safe_open
 
@@ -93,6 +101,10 @@ def build_onnx(
             extra_options=builder_extra,
         )
         canonicalize(model_dir)  # the builder re-saves the tokenizer with transformers: keep the canonical form
+        if execution_provider == "cuda" and cuda_graph and (flow := control_flow_nodes(model_dir / "model.onnx")):
+            # e.g. Phi-3's LongRoPE picks its cos/sin cache with an If: ORT refuses to capture such a graph
+            log.warning("CUDA graph off: the model has control flow (%s), which ORT cannot capture", flow[0])
+            cuda_graph = False
         if execution_provider == "cuda":
             set_cuda_graph(model_dir, cuda_graph)
         slots = add_lora_inputs(model_dir / "model.onnx", config, lora_layout, weight_names(hf_dir)) if adapters else []
@@ -106,6 +118,7 @@ def build_onnx(
             name: round((out_dir / "adapters" / f"{name}.onnx_adapter").stat().st_size / 1e6, 2) for name in adapters
         },
         "lora_slots": len(slots),
+        **({"cuda_graph": cuda_graph} if execution_provider == "cuda" else {}),
         "build_seconds": round(time.time() - start, 1),
     }
 
