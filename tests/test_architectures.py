@@ -107,3 +107,30 @@ def test_a_model_too_big_for_this_host_is_refused_before_loading(tmp_path):
     [line] = error_lines(proc)
     assert "the base stage needs about 31.4 GB of memory for this 3.93B model" in line, line
     assert not (tmp_path / "models").exists()
+
+
+def test_local_source_reads_a_hugging_face_folder(tiny_base, tmp_path):
+    """model.source=local: the usual case of a model already on disk (here the tiny Llama the fixtures built)."""
+    from transformers import AutoConfig
+
+    from olive_lab.base_model import materialize
+
+    params = yaml.safe_load((ROOT / "conf/model/tiny.yaml").read_text())
+    params.update(source="local", path=str(tiny_base), arch=None)
+    info = materialize(params, tmp_path / "base")
+    assert info["params_m"] > 0
+    assert AutoConfig.from_pretrained(str(tmp_path / "base")).to_dict()["hidden_size"] == 64
+
+
+def test_hub_model_offline_fails_in_one_line_that_says_how_to_get_it(tmp_path, monkeypatch):
+    params = default_params()
+    params["model"] = yaml.safe_load((ROOT / "conf/model/phi35_mini.yaml").read_text())
+    write_params(tmp_path, params)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache, whatever this machine has downloaded
+    proc = run_stage("base", tmp_path, timeout=120)
+    assert proc.returncode == 1
+    [line] = error_lines(proc)
+    assert line.startswith("base: error: cannot get 'microsoft/Phi-3.5-mini-instruct' from the Hugging Face hub"), line
+    assert "huggingface-cli download microsoft/Phi-3.5-mini-instruct" in line and "model.source=local" in line
+    assert not (tmp_path / "models").exists()
