@@ -21,6 +21,7 @@ from pathlib import Path
 
 from olive_lab.errors import StageError
 from olive_lab.files import atomic_dir
+from olive_lab.memory import require_fits
 from olive_lab.params import require
 from olive_lab.tokenizer import canonicalize
 
@@ -81,6 +82,7 @@ def random_model(arch: dict, tokenizer):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from olive_lab.device import torch_dtype
+    from olive_lab.memory import require_host_memory
 
     if not isinstance(arch, dict) or "model_type" not in arch:
         raise StageError("params.yaml: model.arch must give model_type (e.g. llama, phi3, qwen2) and the dimensions")
@@ -89,6 +91,7 @@ def random_model(arch: dict, tokenizer):
         config = AutoConfig.for_model(arch["model_type"], vocab_size=len(tokenizer), **fields)
     except (ValueError, KeyError, TypeError) as exc:
         raise StageError(f"params.yaml: model.arch: {one_line(exc)}") from None
+    require_host_memory(config.to_dict(), "base")  # before a single weight is allocated
     torch.manual_seed(int(arch.get("seed", 0)))
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if arch.get("bias_std"):  # HF zero-inits biases, and the ONNX builder drops all-zero ones: exercise that path
@@ -142,18 +145,8 @@ def from_folder(path: Path):
 
     if not (path / "config.json").is_file():
         raise StageError(f"{path}: no Hugging Face model here (config.json missing); set model.path to such a folder")
-    check_fits_in_memory(path / "config.json", "base")
+    require_fits(path, "base", "cpu")  # loading happens on the host
     return AutoModelForCausalLM.from_pretrained(str(path), dtype="auto"), AutoTokenizer.from_pretrained(str(path))
-
-
-def check_fits_in_memory(config_file: Path, stage: str) -> None:
-    """Refuse, before loading anything, a model the host cannot hold (see olive_lab.memory)."""
-    import json
-
-    from olive_lab.memory import require_host_memory
-
-    config = json.loads(config_file.read_text())
-    require_host_memory(config, stage, source=str(config_file))
 
 
 def set_special_tokens(model, tok, eos_token: str | None, keep_model_stops: bool) -> None:
@@ -187,7 +180,6 @@ def materialize(model_params: dict, out: Path) -> dict:
         model, tok = from_gguf(gguf, model_params.get("eos_token"))
     elif source == "random":
         tok = borrowed_tokenizer(model_params)
-        require_random_fits(model_params.get("arch"), len(tok))
         log.info("random %s model", (model_params.get("arch") or {}).get("model_type"))
         model = random_model(model_params.get("arch"), tok)
         if model_params.get("chat_template") is None and not tok.chat_template:
@@ -215,11 +207,3 @@ def materialize(model_params: dict, out: Path) -> dict:
         for change in canonicalize(tmp):  # so that ORT GenAI's own tokenizer reads it like transformers does
             log.info("tokenizer: %s", change)
     return {"params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)}
-
-
-def require_random_fits(arch: dict | None, vocab_size: int) -> None:
-    from olive_lab.memory import require_host_memory
-
-    if isinstance(arch, dict) and "model_type" in arch:
-        fields = {k: v for k, v in arch.items() if k not in RANDOM_ONLY_KEYS}
-        require_host_memory({**fields, "model_type": arch["model_type"], "vocab_size": vocab_size}, "base")
