@@ -52,22 +52,14 @@ def main() -> None:
     import yaml
     from transformers import AutoTokenizer
 
-    from olive_lab.base_model import materialize
     from olive_lab.lm import prompt_text
-    from olive_lab.lora import random_adapter
     from olive_lab.onnx.build import set_cuda_graph
-    from olive_lab.onnx.export import build_onnx
     from olive_lab.onnx.rope import keep_short_rope
+    from olive_lab.scale_model import build_random_onnx
 
     conf = yaml.safe_load(args.model_conf.read_text())
     conf["tokenizer_dir"] = args.tokenizer_dir or None
-    base, built = args.work / "base", args.work / "onnx"
-    if not (base / "config.json").exists():
-        materialize(conf, base)
-    if not (built / "model" / "genai_config.json").exists():
-        adapter = random_adapter(base, args.work / "peft", seed=0, r=16, target_modules=conf["lora_targets"])
-        build_onnx(base, built, {"a": adapter}, precision="int4", block_size=conf["group_size"], accuracy_level=4,
-                   execution_provider=args.ep, lm_head="int8", cuda_graph=True)  # fmt: skip
+    base, built = build_random_onnx(conf, args.work, args.ep)
     short = args.work / "short"
     shutil.rmtree(short, ignore_errors=True)
     shutil.copytree(built / "model", short)

@@ -90,19 +90,12 @@ def main() -> None:
 
     args.work.mkdir(parents=True, exist_ok=True)
     if args.onnx is None:
-        from olive_lab.base_model import materialize
-        from olive_lab.lora import random_adapter
-        from olive_lab.onnx.export import build_onnx
+        from olive_lab.scale_model import build_random_onnx
 
         conf = yaml.safe_load(args.model_conf.read_text())
         conf["tokenizer_dir"] = args.tokenizer_dir or None
-        base, args.onnx = args.work / "base", args.work / "onnx"
-        if not (base / "config.json").exists():
-            materialize(conf, base)
-        if not (args.onnx / "model" / "genai_config.json").exists():
-            adapter = random_adapter(base, args.work / "peft", seed=0, r=16, target_modules=conf["lora_targets"])
-            build_onnx(base, args.onnx, {args.adapter: adapter}, precision="int4", block_size=conf["group_size"],
-                       accuracy_level=4, execution_provider=args.ep, lm_head="int8", cuda_graph=False)  # fmt: skip
+        # no CUDA graph: the profiler is to see each node
+        _, args.onnx = build_random_onnx(conf, args.work, args.ep, adapter=args.adapter, cuda_graph=False)
     tok = AutoTokenizer.from_pretrained(str(args.onnx / "model"))
     ids = tok(prompt_text(tok, SPEED_PROMPT), add_special_tokens=False).input_ids
     adapter_file = args.onnx / "adapters" / f"{args.adapter}.onnx_adapter"
