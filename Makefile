@@ -16,7 +16,13 @@ export PATH := $(abspath $(BIN)):$(PATH)
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-setup: $(BIN)/activate  ## create .venv with the pinned stack (GPU=1: onnxruntime-genai-cuda)
+# `make setup` first checks every prerequisite (Python 3.11, make, git, Node.js >= 18 + npm, tmux): a missing one stops
+# it here in one line that says how to install it, before anything is created.
+ifneq ($(filter setup,$(MAKECMDGOALS)),)
+PREREQ_MISSING := $(shell $(SHELL) tools/prereqs.sh $(PY))
+$(if $(PREREQ_MISSING),$(error make setup: $(PREREQ_MISSING)))
+endif
+setup: $(BIN)/activate  ## check the prerequisites, create .venv with the pinned stack (GPU=1: onnxruntime-genai-cuda)
 $(BIN)/activate: requirements.lock
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
