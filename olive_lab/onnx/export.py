@@ -22,6 +22,7 @@ from olive_lab.int4_grid import META_FILE
 from olive_lab.memory import require_fits
 from olive_lab.onnx.build import export_model, set_cuda_graph
 from olive_lab.onnx.lora import add_lora_inputs, peft_to_inputs, read_adapter, write_adapter
+from olive_lab.onnx.rope import capturable_longrope
 from olive_lab.tokenizer import canonicalize
 
 log = logging.getLogger(__name__)
@@ -101,8 +102,16 @@ def build_onnx(
             extra_options=builder_extra,
         )
         canonicalize(model_dir)  # the builder re-saves the tokenizer with transformers: keep the canonical form
+        original = config.get("original_max_position_embeddings")
+        # Phi-3's LongRoPE picks its cos/sin cache with an If, which ORT cannot capture: a Where does the same
+        if (
+            execution_provider == "cuda"
+            and cuda_graph
+            and original
+            and capturable_longrope(model_dir / "model.onnx", int(original))
+        ):
+            log.info("LongRoPE cache switch: If -> Where on seqlens_k (CUDA graphs stay on)")
         if execution_provider == "cuda" and cuda_graph and (flow := control_flow_nodes(model_dir / "model.onnx")):
-            # e.g. Phi-3's LongRoPE picks its cos/sin cache with an If: ORT refuses to capture such a graph
             log.warning("CUDA graph off: the model has control flow (%s), which ORT cannot capture", flow[0])
             cuda_graph = False
         if execution_provider == "cuda":
