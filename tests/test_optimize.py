@@ -18,7 +18,7 @@ from olive_lab.lm import load_model, load_tokenizer, prompt_text
 from olive_lab.lora import random_adapter
 from olive_lab.onnx.check import OnnxLM, agreement, int4_grid_error
 from olive_lab.onnx.export import build_onnx
-from olive_lab.onnx.lora import SWITCH, peft_to_inputs, read_adapter
+from olive_lab.onnx.lora import RESIDENT_DATA, RESIDENT_INDEX, SWITCH, peft_to_inputs, read_adapter
 from tests.helpers import default_params, error_lines, run_stage, write_params
 
 GROUP = 32  # conf/model/tiny.yaml group_size
@@ -112,6 +112,7 @@ def built(grid_base, grid_adapters, tmp_path_factory) -> dict[str, Path]:
     int4 = dict(precision="int4", block_size=GROUP, accuracy_level=4, execution_provider="cpu")
     build_onnx(grid_base, root / "lora", grid_adapters, **int4)
     build_onnx(grid_base, root / "switch", grid_adapters, **int4, lora_layout="switch")
+    build_onnx(grid_base, root / "resident", grid_adapters, **int4, lora_layout="resident")
     build_onnx(grid_base, root / "plain", {}, **int4)
     build_onnx(grid_base, root / "cuda", grid_adapters, **{**int4, "execution_provider": "cuda"})
     build_onnx(
@@ -123,7 +124,7 @@ def built(grid_base, grid_adapters, tmp_path_factory) -> dict[str, Path]:
         block_size=GROUP,
         accuracy_level=4,
     )
-    return {name: root / name for name in ("lora", "switch", "plain", "fp32", "cuda")}
+    return {name: root / name for name in ("lora", "switch", "resident", "plain", "fp32", "cuda")}
 
 
 def lora_inputs(model_dir: Path) -> set[str]:
@@ -210,6 +211,31 @@ def test_adapter_tensors_are_exactly_the_lora_inputs(built, variant):
         assert names == expected
 
 
+def test_resident_adapters_are_in_the_model_and_the_files_hold_an_index(built):
+    import onnx
+
+    model_dir = built["resident"] / "model"
+    graph = onnx.load(str(model_dir / "model.onnx"), load_external_data=False).graph
+    assert lora_inputs(model_dir) == set() and RESIDENT_INDEX in {i.name for i in graph.input}
+    assert (model_dir / RESIDENT_DATA).stat().st_size > 0
+    indices = {task: read_adapter(built["resident"] / "adapters" / f"{task}.onnx_adapter") for task in TASKS}
+    assert [set(v) for v in indices.values()] == [{RESIDENT_INDEX}] * len(TASKS)
+    assert sorted(int(v[RESIDENT_INDEX][0]) for v in indices.values()) == [1, 2]
+
+
+def test_resident_layout_computes_what_the_branches_do(built, grid_base):
+    """The stacked, padded weights are the same numbers: with each adapter, and with none, the logits are equal."""
+    branches, resident = OnnxLM(built["lora"] / "model"), OnnxLM(built["resident"] / "model")
+    ids = prompt_ids(grid_base, ROWS[2]["prompt"])
+    np.testing.assert_array_equal(resident.logits(ids), branches.logits(ids))
+    for task in TASKS:
+        weights = read_adapter(built["lora"] / "adapters" / f"{task}.onnx_adapter")
+        index = read_adapter(built["resident"] / "adapters" / f"{task}.onnx_adapter")
+        np.testing.assert_allclose(resident.logits(ids, index), branches.logits(ids, weights), rtol=0, atol=1e-5)
+    other = {RESIDENT_INDEX: np.array([3 - int(index[RESIDENT_INDEX][0])], np.int64)}  # the other task's index
+    assert np.abs(resident.logits(ids, other) - branches.logits(ids, weights)).max() > 1e-2
+
+
 def test_plain_model_has_no_lora_inputs(built):
     assert lora_inputs(built["plain"] / "model") == set()
     assert list((built["plain"] / "adapters").iterdir()) == []
@@ -231,7 +257,7 @@ def test_int4_weights_dequantize_to_the_hf_grid(built, grid_base, tiny_base):
 # --- no adapter = the plain model ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", ["lora", "switch"])
+@pytest.mark.parametrize("variant", ["lora", "switch", "resident"])
 def test_no_adapter_gives_the_plain_models_greedy_output(built, grid_base, variant):
     import onnxruntime_genai as og
 
@@ -264,11 +290,11 @@ def torch_models(grid_base, grid_adapters):
 # or wrong adapter tensor (the random adapters move logits by more than half their spread). fp32 is exact up to
 # summation order (1e-6 seen).
 LOGIT_TOL = {"lora": {"rms": 0.02, "max": 0.25}, "fp32": {"rms": 1e-4, "max": 1e-3}}
-LOGIT_TOL["switch"] = LOGIT_TOL["lora"]
+LOGIT_TOL["switch"] = LOGIT_TOL["resident"] = LOGIT_TOL["lora"]
 LOGIT_TOL["cuda"] = {"rms": 0.04, "max": 0.3}  # fp16 activations on top of the int4 error (SmolLM2: 0.026 / 0.20)
 
 
-@pytest.mark.parametrize("variant", ["lora", "switch", "fp32", "cuda"])
+@pytest.mark.parametrize("variant", ["lora", "switch", "resident", "fp32", "cuda"])
 def test_adapter_logits_agree_with_torch(built, grid_base, torch_models, variant):
     tokenizer = load_tokenizer(grid_base)
     onnx_lm = OnnxLM(built[variant] / "model")
@@ -282,7 +308,7 @@ def test_adapter_logits_agree_with_torch(built, grid_base, torch_models, variant
         assert abs(result["loss_ratio"] - 1) <= 0.02, (task, result)
 
 
-@pytest.mark.parametrize("variant", ["lora", "switch"])
+@pytest.mark.parametrize("variant", ["lora", "switch", "resident"])
 def test_og_adapter_path_gives_the_checked_logits(built, grid_base, variant):
     """ORT GenAI with og.Adapters computes what the session check above compares with torch."""
     import onnxruntime_genai as og

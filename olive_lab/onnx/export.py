@@ -21,7 +21,7 @@ from olive_lab.files import atomic_dir, dir_size_mb, remove_outputs
 from olive_lab.int4_grid import META_FILE
 from olive_lab.memory import require_fits
 from olive_lab.onnx.build import export_model, set_cuda_graph
-from olive_lab.onnx.lora import add_lora_inputs, peft_to_inputs, read_adapter, write_adapter
+from olive_lab.onnx.lora import add_lora_inputs, make_resident, peft_to_inputs, read_adapter, write_adapter
 from olive_lab.onnx.rope import capturable_longrope
 from olive_lab.tokenizer import canonicalize
 
@@ -117,9 +117,13 @@ def build_onnx(
         if execution_provider == "cuda":
             set_cuda_graph(model_dir, cuda_graph)
         slots = add_lora_inputs(model_dir / "model.onnx", config, lora_layout, weight_names(hf_dir)) if adapters else []
+        values = {
+            name: peft_to_inputs(folder, slots, switch=lora_layout == "switch") for name, folder in adapters.items()
+        }
+        if lora_layout == "resident" and adapters:
+            values = make_resident(model_dir / "model.onnx", slots, values)
         for name, folder in adapters.items():
-            values = peft_to_inputs(folder, slots, switch=lora_layout == "switch")
-            write_adapter(values, adapter_dir / f"{name}.onnx_adapter")
+            write_adapter(values[name], adapter_dir / f"{name}.onnx_adapter")
             log.info("adapter %s -> %s", folder, adapter_dir / f"{name}.onnx_adapter")
     return {
         "model_mb": dir_size_mb(out_dir / "model"),

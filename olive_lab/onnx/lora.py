@@ -29,8 +29,10 @@ PROJ_NODE = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(\w+_proj)/MatMul(?:_Q
 PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 HF_BLOCK = {"attn": "self_attn", "mlp": "mlp"}  # builder block name -> Hugging Face module name
 PEFT_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight$")
-LAYOUTS = ("branches", "switch")
+LAYOUTS = ("branches", "switch", "resident")
 SWITCH = "lora_active"  # layout "switch": 0 (default) runs the plain graph, adapters carry 1
+RESIDENT_INDEX = "lora_index"  # layout "resident": which of the model's stacked adapters the branches read, 0: none
+RESIDENT_DATA = "lora_adapters.onnx.data"  # layout "resident": the stacked adapters, next to model.onnx
 # PEFT options whose effect this conversion does not reproduce.
 UNSUPPORTED = ("use_dora", "lora_bias", "modules_to_save", "fan_in_fan_out", "rank_pattern", "alpha_pattern")
 
@@ -99,6 +101,7 @@ def add_lora_inputs(
 
     if layout not in LAYOUTS:
         raise StageError(f"params.yaml: optimize.lora_layout must be one of {LAYOUTS}, not '{layout}'")
+    # "resident" starts as "branches"; make_resident then moves the adapters' weights into the model
     model = onnx.load(str(model_path), load_external_data=False)
     graph = model.graph
     elem = next(o.type.tensor_type.elem_type for o in graph.output if o.name == "logits")
@@ -195,6 +198,80 @@ def _switch(graph, plain_nodes: list, lora_nodes: list, elem: int) -> list:
             else_branch=branch(plain_nodes, "plain"),
         ),
     ]
+
+
+def make_resident(model_path: Path, slots: list[LoraSlot], adapters: dict[str, dict[str, np.ndarray]]) -> dict:
+    """Layout "resident": move the adapters (peft_to_inputs values, by name) into the model of `model_path` and
+    return what each adapter file then holds: only its index, {RESIDENT_INDEX: [i]}.
+
+    Why: ORT GenAI 0.18 keeps a loaded adapter in host memory and ORT copies all of it to the GPU at every decoding
+    step (about 100 MB at Phi-3.5-mini's size, rank 16). Here the adapters are initializers, so they sit on the device
+    once, and switching one is an 8-byte input. Each slot's A and B of every adapter (padded to the slot's largest
+    rank; index 0 is all zeros, the plain model) are flattened into one [adapters + 1, n] stack for all A and one for
+    all B; per step a Gather picks the active row and a Split/Reshape hands each branch its [in, rank] and
+    [rank, out] matrices: four extra nodes per model, whatever the number of slots.
+    The cost: adapters are fixed when the model is built (a new one means re-running optimize).
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    names = list(adapters)
+    model = onnx.load(str(model_path), load_external_data=False)
+    graph = model.graph
+    elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(slots[0].dtype))
+    ranks = {s.name: max((adapters[n][s.a].shape[1] for n in names), default=0) for s in slots}
+    nodes, stacks = [], {}
+    for side in ("A", "B"):
+        rows = [[] for _ in range(len(names) + 1)]  # row 0: no adapter
+        sizes, outputs, shapes = [], [], []
+        for slot in slots:
+            rank = ranks[slot.name]
+            shape = (slot.in_features, rank) if side == "A" else (rank, sum(slot.widths))
+            rows[0].append(np.zeros(shape, slot.dtype).ravel())
+            for i, name in enumerate(names, start=1):
+                value = adapters[name][slot.a if side == "A" else slot.b]
+                padded = np.zeros(shape, slot.dtype)
+                padded[: value.shape[0], : value.shape[1]] = value  # A pads columns, B rows: exact
+                rows[i].append(padded.ravel())
+            sizes.append(int(np.prod(shape)))
+            outputs.append(slot.a if side == "A" else slot.b)
+            shapes.append(shape)
+        stack_name = f"lora.{side}_stack"
+        stacks[stack_name] = np.stack([np.concatenate(r) for r in rows])
+        picked, flat = f"/lora/{side}/Gather/output_0", [f"/lora/{side}/Split/output_{i}" for i in range(len(slots))]
+        nodes.append(helper.make_node("Gather", [stack_name, RESIDENT_INDEX], [picked], name=f"/lora/{side}/Gather"))
+        graph.initializer.append(helper.make_tensor(f"/lora/{side}/sizes", TensorProto.INT64, [len(sizes)], sizes))
+        nodes.append(
+            helper.make_node("Split", [picked, f"/lora/{side}/sizes"], flat, name=f"/lora/{side}/Split", axis=1)
+        )
+        for i, (out, shape) in enumerate(zip(outputs, shapes, strict=True)):
+            shape_name = f"/lora/{side}/shape_{i}"
+            graph.initializer.append(helper.make_tensor(shape_name, TensorProto.INT64, [2], list(shape)))
+            nodes.append(helper.make_node("Reshape", [flat[i], shape_name], [out], name=f"/lora/{side}/Reshape_{i}"))
+    lora_names = {n for s in slots for n in (s.a, s.b)}
+    kept_inputs = [i for i in graph.input if i.name not in lora_names]
+    graph.ClearField("input")
+    graph.input.extend([*kept_inputs, helper.make_tensor_value_info(RESIDENT_INDEX, TensorProto.INT64, [1])])
+    kept = [t for t in graph.initializer if t.name not in lora_names]
+    graph.ClearField("initializer")
+    graph.initializer.extend(kept)
+    graph.initializer.append(helper.make_tensor(RESIDENT_INDEX, TensorProto.INT64, [1], [0]))
+    offset = 0
+    with open(Path(model_path).parent / RESIDENT_DATA, "wb") as data:
+        for name, stack in stacks.items():
+            tensor = TensorProto(name=name, data_type=elem, dims=list(stack.shape))
+            tensor.data_location = TensorProto.EXTERNAL
+            raw = np.ascontiguousarray(stack).tobytes()
+            for key, value in (("location", RESIDENT_DATA), ("offset", str(offset)), ("length", str(len(raw)))):
+                tensor.external_data.add(key=key, value=value)
+            data.write(raw)
+            offset += len(raw)
+            graph.initializer.append(tensor)
+    body = list(graph.node)
+    graph.ClearField("node")
+    graph.node.extend(nodes + body)
+    onnx.save(model, str(model_path))
+    return {name: {RESIDENT_INDEX: np.array([i], np.int64)} for i, name in enumerate(names, start=1)}
 
 
 def _read_peft(adapter_dir: Path) -> tuple[dict, dict[tuple[int, str, str], np.ndarray]]:
