@@ -9,27 +9,22 @@
 # /tmp/cuda_e2e (STATE to change it). Needs python3 with torch (CUDA), transformers and peft.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-SITE=${SITE:-/tmp/site}
+source bench/gpu/env.sh
 STATE=${STATE:-/tmp/cuda_e2e/state.json}
-export PYTHONPATH="$SITE:$PWD" PYTHONUNBUFFERED=1 OLIVE_DISABLE_TELEMETRY=1 HF_HUB_OFFLINE=1
-# onnxruntime-gpu finds CUDA and cuDNN where torch's wheels put them (also in the processes evaluate spawns)
-nvidia_libs=$(python3 -c "import glob, os, nvidia; print(':'.join(sorted({d for p in nvidia.__path__ for d in glob.glob(os.path.join(p, '*', 'lib'))})))" 2>/dev/null || true)
-export LD_LIBRARY_PATH="${nvidia_libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-
-install() {
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .wheelhouse/*.whl
+install_phi35() {
+  install
   cp bench/gpu/params-phi35-shape.yaml params.yaml   # composed with: python -m tools.params model=phi35_mini_shape device=cuda experiment=scale model.tokenizer_dir=.gpu/tokenizer
-  python3 -c "import onnxruntime as ort, onnxruntime_genai as og, llmcompressor; print('ORT', ort.__version__, ort.get_available_providers(), 'genai', og.__version__)"
+  python3 -c "import llmcompressor"
 }
 
 step=${1:-all}; shift || true
 case "$step" in
-  install) install ;;
+  install) install_phi35 ;;
   stages) python3 -m bench.cuda_e2e stages "$@" --state "$STATE" ;;
   measure) python3 -m bench.cuda_e2e measure --layouts branches,plain --state "$STATE" ;;
   report) python3 -m bench.cuda_e2e report --state "$STATE" --out "bench/results/$(date +%F)-cuda-phi35-shape.json" ;;
   all)
-    install
+    install_phi35
     python3 -m bench.cuda_e2e stages base data quantize finetune@travel finetune@trip_json optimize evaluate --state "$STATE"
     python3 -m bench.cuda_e2e measure --layouts branches,plain --state "$STATE"
     python3 -m bench.cuda_e2e report --state "$STATE" --out "bench/results/$(date +%F)-cuda-phi35-shape.json" ;;

@@ -1,0 +1,269 @@
+"""Adapters at full speed on the GPU (the cuda-lora issue): ORT GenAI CUDA decode with no adapter and with each of
+two adapters, for every multi-LoRA layout, at the default model's size and at Phi-3.5-mini's, plus torch eager.
+
+    python -m bench.cuda_lora build   --size default|phi35 [--work DIR]   # random weights, 2 random adapters, ONNX
+    python -m bench.cuda_lora measure --size default|phi35 [--work DIR]   # ORT GenAI per layout, torch eager
+    python -m bench.cuda_lora report  [--work DIR] [--out FILE]           # bench/results/<date>-cuda-lora.json
+
+Decode speed does not depend on the weights' values, so the models are random (olive_lab.base_model's `random`
+source) in the default model's shape (SmolLM2-135M, Llama) and in Phi-3.5-mini's (conf/model/phi35_mini_shape.yaml),
+with SmolLM2's tokenizer (`--tokenizer-dir`, made by `make gpu-tokenizer`). The builder runs once per size; the
+layouts are graph edits of that one build, sharing its weights file:
+- `branches_if`: the multi-LoRA graph on the builder's output as it is (Phi-3: the LongRoPE If, so no CUDA graph);
+- `plain`: no LoRA at all (LongRoPE as a Where, CUDA graph on): the ceiling;
+- `branches`: today's layout, adapters in .onnx_adapter files (ORT GenAI copies them to the GPU at every step);
+- `resident`: the adapters stacked in the model, the files hold an index (olive_lab.onnx.lora.make_resident).
+Per layout and adapter: TTFT and decode tok/s (medians of 5 runs of 128 tokens), the greedy tokens, and whether a
+switching order gives the same tokens again (a captured CUDA graph that kept the old adapter would not).
+`share_of_bound`: the bytes one decoding step must read (every weight but the embedding table) over the device
+bandwidth measured in the same run (a large device-to-device copy), against the measured step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from datetime import date
+from pathlib import Path
+
+import yaml
+
+from bench.cuda_e2e import NEW_TOKENS, ROUNDS, ort_genai, torch_eager
+from olive_lab.decode import SPEED_PROMPT
+
+ADAPTERS = ("a", "b")
+RANK = 16
+# SmolLM2-135M-Instruct's config.json, as random weights
+DEFAULT_ARCH = {
+    "model_type": "llama",
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "max_position_embeddings": 8192,
+    "rope_theta": 100000.0,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True,
+    "dtype": "bfloat16",
+    "seed": 0,
+}
+
+
+def model_conf(size: str, tokenizer_dir: str | None) -> dict:
+    if size == "phi35":
+        conf = yaml.safe_load(Path("conf/model/phi35_mini_shape.yaml").read_text())
+    else:
+        conf = yaml.safe_load(Path("conf/model/smollm2_135m.yaml").read_text())
+        conf.update(name="smollm2_135m_shape", source="random", arch=DEFAULT_ARCH, chat_template=None)
+    conf["tokenizer_dir"] = tokenizer_dir
+    return conf
+
+
+def lora_variant(plain: Path, out: Path, layout: str, hf_dir: Path, peft: dict[str, Path]) -> Path:
+    """`plain`'s model with LoRA branches in `layout`, as a folder that links to `plain`'s weights."""
+    from olive_lab.decode import linked_copy
+    from olive_lab.onnx.export import weight_names
+    from olive_lab.onnx.lora import add_lora_inputs, make_resident, peft_to_inputs, write_adapter
+
+    model_dir = linked_copy(plain, out / "model")
+    proto = model_dir / "model.onnx"
+    proto.unlink()  # the edit must not write through the link into the plain model
+    shutil.copyfile(plain / "model.onnx", proto)
+    config = json.loads((hf_dir / "config.json").read_text())
+    slots = add_lora_inputs(proto, config, layout, weight_names(hf_dir))
+    values = {name: peft_to_inputs(folder, slots) for name, folder in peft.items()}
+    if layout == "resident":
+        values = make_resident(proto, slots, values)
+    (out / "adapters").mkdir(exist_ok=True)
+    for name in peft:
+        write_adapter(values[name], out / "adapters" / f"{name}.onnx_adapter")
+    return out
+
+
+def build(size: str, work: Path, tokenizer_dir: str | None) -> None:
+    from olive_lab.base_model import materialize
+    from olive_lab.lora import random_adapter
+    from olive_lab.onnx.build import export_model, set_cuda_graph
+    from olive_lab.onnx.export import control_flow_nodes
+    from olive_lab.onnx.rope import capturable_longrope
+
+    conf = model_conf(size, tokenizer_dir)
+    root = work / size
+    base = root / "base"
+    timings = {}
+    start = time.time()
+    if not (base / "config.json").exists():
+        materialize(conf, base)
+    timings["base_s"] = round(time.time() - start, 1)
+    peft = {
+        name: random_adapter(base, root / "peft" / name, seed=i, r=RANK, target_modules=conf["lora_targets"])
+        for i, name in enumerate(ADAPTERS)
+    }
+    start = time.time()
+    builder = root / "builder" / "model"
+    if not (builder / "genai_config.json").exists():
+        export_model(base, builder, precision="int4", block_size=conf["group_size"], accuracy_level=4,
+                     execution_provider="cuda", lm_head="int8")  # fmt: skip
+    timings["builder_s"] = round(time.time() - start, 1)
+    hf_config = json.loads((base / "config.json").read_text())
+    # the builder's graph as the optimize stage left it before the Where: the If (if any) keeps CUDA graphs off
+    variants = {"branches_if": lora_variant(builder, root / "branches_if", "branches", base, peft)}
+    set_cuda_graph(variants["branches_if"] / "model", not control_flow_nodes(builder / "model.onnx"))
+    where = root / "where" / "model"
+    from olive_lab.decode import linked_copy
+
+    linked_copy(builder, where)
+    (where / "model.onnx").unlink()
+    shutil.copyfile(builder / "model.onnx", where / "model.onnx")
+    original = hf_config.get("original_max_position_embeddings")
+    rope_rewritten = bool(original) and capturable_longrope(where / "model.onnx", int(original))
+    set_cuda_graph(where, True)
+    variants["plain"] = where.parent
+    for layout in ("branches", "resident"):
+        variants[layout] = lora_variant(where, root / layout, layout, base, peft)
+        set_cuda_graph(variants[layout] / "model", True)
+    if not rope_rewritten:  # nothing to compare: the builder's graph has no If
+        shutil.rmtree(variants.pop("branches_if"))
+    state = {"conf": conf["name"], "base": str(base), "peft": {k: str(v) for k, v in peft.items()},
+             "variants": {k: str(v) for k, v in variants.items()}, "timings": timings}  # fmt: skip
+    (root / "state.json").write_text(json.dumps(state, indent=2))
+    print(json.dumps(state, indent=2), flush=True)
+
+
+def bytes_per_step(model_dir: Path) -> int:
+    """The weights one decoding step reads: every initializer but the embedding table (one row of it is read)."""
+    import onnx
+
+    graph = onnx.load(str(model_dir / "model.onnx"), load_external_data=False).graph
+    total = 0
+    for t in graph.initializer:
+        if "embed_tokens" in t.name:
+            continue
+        ext = {e.key: e.value for e in t.external_data}
+        total += int(ext["length"]) if "length" in ext else len(t.raw_data)
+    return total
+
+
+def device_bandwidth_gbs() -> float:
+    """Device memory bandwidth from a 4 GiB device-to-device copy (read + write), best of 5."""
+    import torch
+
+    src = torch.empty(4 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    del src, dst
+    torch.cuda.empty_cache()
+    return round(2 * (4 << 30) / best / 1e9, 1)
+
+
+def measure(size: str, work: Path) -> None:
+    import torch  # noqa: F401  (first: onnxruntime-gpu finds the CUDA libraries torch brings)
+    from transformers import AutoTokenizer
+
+    from olive_lab.lm import prompt_text
+
+    root = work / size
+    state = json.loads((root / "state.json").read_text())
+    tok = AutoTokenizer.from_pretrained(state["base"])
+    ids = tok(prompt_text(tok, SPEED_PROMPT), add_special_tokens=False).input_ids
+    result = {"prompt_tokens": len(ids), "bandwidth_gbs": device_bandwidth_gbs(), "ort": {}, "torch_eager_bf16": {}}
+    result["bytes_per_step"] = bytes_per_step(Path(state["variants"]["plain"]) / "model")
+    for name, folder in state["variants"].items():
+        names = [None] if name == "plain" else [None, *ADAPTERS]
+        result["ort"][name] = ort_genai(Path(folder), ids, names)
+        speeds = {k: (v["decode_tok_s"], v["ttft_ms"]) for k, v in result["ort"][name].items() if isinstance(v, dict)}
+        print(name, speeds, "switching ok:", result["ort"][name].get("switching_gives_same_tokens"), flush=True)
+    result["torch_eager_bf16"]["base"] = torch_eager(state["base"], ids)
+    result["torch_eager_bf16"]["a"] = torch_eager(state["base"], ids, Path(state["peft"]["a"]))
+    print("torch eager", result["torch_eager_bf16"], flush=True)
+    (root / "measured.json").write_text(json.dumps(result, indent=2))
+
+
+def summarize(size: str, measured: dict) -> dict:
+    ort = measured["ort"]
+    summary: dict = {"decode_tok_s": {}, "ttft_ms": {}, "adapter_cost": {}}
+    for layout, runs in ort.items():
+        summary["decode_tok_s"][layout] = {k: v["decode_tok_s"] for k, v in runs.items() if isinstance(v, dict)}
+        summary["ttft_ms"][layout] = {k: v["ttft_ms"] for k, v in runs.items() if isinstance(v, dict)}
+        if "a" in runs:
+            adapter = min(runs[n]["decode_tok_s"] for n in ADAPTERS)
+            summary["adapter_cost"][layout] = round(1 - adapter / runs["base"]["decode_tok_s"], 3)
+    bound = measured["bandwidth_gbs"] * 1e9 / measured["bytes_per_step"]
+    summary["bound_tok_s"] = round(bound, 1)
+    summary["share_of_bound"] = {layout: round(ort[layout]["base"]["decode_tok_s"] / bound, 3) for layout in ort}
+    torch_base = measured["torch_eager_bf16"]["base"]["decode_tok_s"]
+    summary["torch_eager_bf16"] = measured["torch_eager_bf16"]
+    summary["ort_over_torch"] = {layout: round(ort[layout]["base"]["decode_tok_s"] / torch_base, 2) for layout in ort}
+    branches, resident = ort.get("branches", {}), ort.get("resident", {})
+    summary["same_greedy_tokens"] = {
+        name: branches[name]["tokens"] == resident[name]["tokens"]
+        for name in branches
+        if isinstance(branches[name], dict)
+    }
+    summary["adapters_change_tokens"] = all(
+        resident[n]["tokens"] != resident["base"]["tokens"] for n in ADAPTERS if n in resident
+    )
+    summary["switching_gives_same_tokens"] = {
+        layout: runs["switching_gives_same_tokens"]
+        for layout, runs in ort.items()
+        if "switching_gives_same_tokens" in runs
+    }
+    summary["bytes_per_step_gb"] = round(measured["bytes_per_step"] / 1e9, 3)
+    summary["bandwidth_gbs"] = measured["bandwidth_gbs"]
+    summary["prompt_tokens"] = measured["prompt_tokens"]
+    return summary
+
+
+def report(work: Path, out: Path) -> None:
+    sizes = {}
+    for size in ("default", "phi35"):
+        path = work / size / "measured.json"
+        if path.exists():
+            sizes[size] = summarize(size, json.loads(path.read_text()))
+    if not sizes:
+        raise SystemExit(f"{work}: nothing measured yet (run `measure` first)")
+    import torch
+
+    result = {
+        "date": str(date.today()),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "new_tokens": NEW_TOKENS,
+        "rounds": ROUNDS,
+        "rank": RANK,
+        # the issue's keys: cost of the active adapter per model (the fix: resident), share of bound at 3.8B
+        "adapter_cost": {size: s["adapter_cost"] for size, s in sizes.items()},
+        "share_of_bound": sizes.get("phi35", {}).get("share_of_bound"),
+        "sizes": sizes,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "sizes"}, indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("step", choices=("build", "measure", "report"))
+    parser.add_argument("--size", choices=("default", "phi35"), default="default")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/cuda_lora"))
+    parser.add_argument("--tokenizer-dir", default=".gpu/tokenizer", help="borrowed tokenizer folder ('' for the GGUF)")
+    parser.add_argument("--out", type=Path, default=Path(f"bench/results/{date.today()}-cuda-lora.json"))
+    args = parser.parse_args()
+    if args.step == "build":
+        build(args.size, args.work, args.tokenizer_dir or None)
+    elif args.step == "measure":
+        measure(args.size, args.work)
+    else:
+        report(args.work, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# bench/cuda_lora.py on an offline CUDA host: ORT GenAI decode with and without adapters per multi-LoRA layout, at the
+# default model's size and Phi-3.5-mini's (random weights). Writes bench/results/<date>-cuda-lora.json.
+#
+# Prepare where there is internet, from the repository root:  make wheelhouse gpu-tokenizer
+# then copy the repository (with .wheelhouse/ and .gpu/) to the GPU host and, from its root:
+#     bash bench/gpu/run_cuda_lora.sh [install|build SIZE|measure SIZE|report|all]     SIZE: default | phi35
+# Every step fits in 10 minutes on one H200; the state lives in /tmp/cuda_lora (WORK to change it).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+source bench/gpu/env.sh
+WORK=${WORK:-/tmp/cuda_lora}
+step=${1:-all}; shift || true
+case "$step" in
+  install) install ;;
+  build|measure) python3 -m bench.cuda_lora "$step" --size "${1:?size: default or phi35}" --work "$WORK" ;;
+  report) python3 -m bench.cuda_lora report --work "$WORK" --out "bench/results/$(date +%F)-cuda-lora.json" ;;
+  all)
+    install
+    for size in default phi35; do
+      python3 -m bench.cuda_lora build --size $size --work "$WORK"
+      python3 -m bench.cuda_lora measure --size $size --work "$WORK"
+    done
+    python3 -m bench.cuda_lora report --work "$WORK" --out "bench/results/$(date +%F)-cuda-lora.json" ;;
+  *) echo "usage: $0 [install|build SIZE|measure SIZE|report|all]" >&2; exit 2 ;;
+esac
