@@ -62,16 +62,27 @@ def model_conf(size: str, tokenizer_dir: str | None) -> dict:
     return conf
 
 
-def lora_variant(plain: Path, out: Path, layout: str, hf_dir: Path, peft: dict[str, Path]) -> Path:
-    """`plain`'s model with LoRA branches in `layout`, as a folder that links to `plain`'s weights."""
+def variant_folder(src: Path, out: Path) -> Path:
+    """A copy of the ORT GenAI folder `src` to edit: own model.onnx and genai_config.json, the weights hard-linked
+    (ORT 1.31 refuses external data behind a symlink that leads out of the model's folder)."""
     from olive_lab.decode import linked_copy
+
+    model_dir = linked_copy(src, out)
+    for name in ("model.onnx", "model.onnx.data"):
+        (model_dir / name).unlink()  # an edit must not write through a link into `src`
+    shutil.copyfile(src / "model.onnx", model_dir / "model.onnx")
+    (model_dir / "model.onnx.data").hardlink_to((src / "model.onnx.data").resolve())
+    return model_dir
+
+
+def lora_variant(plain: Path, out: Path, layout: str, hf_dir: Path, peft: dict[str, Path]) -> Path:
+    """`plain`'s model with LoRA branches in `layout`, sharing `plain`'s weights file."""
     from olive_lab.onnx.export import weight_names
     from olive_lab.onnx.lora import add_lora_inputs, make_resident, peft_to_inputs, write_adapter
 
-    model_dir = linked_copy(plain, out / "model")
-    proto = model_dir / "model.onnx"
-    proto.unlink()  # the edit must not write through the link into the plain model
-    shutil.copyfile(plain / "model.onnx", proto)
+    if out.exists():
+        shutil.rmtree(out)
+    proto = variant_folder(plain, out / "model") / "model.onnx"
     config = json.loads((hf_dir / "config.json").read_text())
     slots = add_lora_inputs(proto, config, layout, weight_names(hf_dir))
     values = {name: peft_to_inputs(folder, slots) for name, folder in peft.items()}
@@ -112,12 +123,8 @@ def build(size: str, work: Path, tokenizer_dir: str | None) -> None:
     # the builder's graph as the optimize stage left it before the Where: the If (if any) keeps CUDA graphs off
     variants = {"branches_if": lora_variant(builder, root / "branches_if", "branches", base, peft)}
     set_cuda_graph(variants["branches_if"] / "model", not control_flow_nodes(builder / "model.onnx"))
-    where = root / "where" / "model"
-    from olive_lab.decode import linked_copy
-
-    linked_copy(builder, where)
-    (where / "model.onnx").unlink()
-    shutil.copyfile(builder / "model.onnx", where / "model.onnx")
+    shutil.rmtree(root / "where", ignore_errors=True)
+    where = variant_folder(builder, root / "where" / "model")
     original = hf_config.get("original_max_position_embeddings")
     rope_rewritten = bool(original) and capturable_longrope(where / "model.onnx", int(original))
     set_cuda_graph(where, True)
