@@ -89,7 +89,8 @@ def random_model(arch: dict, tokenizer):
     fields = {k: v for k, v in arch.items() if k not in RANDOM_ONLY_KEYS}
     try:
         config = AutoConfig.for_model(arch["model_type"], vocab_size=len(tokenizer), **fields)
-    except (ValueError, KeyError, TypeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any refusal here is about the arch params (e.g. huggingface_hub's
+        # StrictDataclassFieldValidationError for a field of the wrong type, which is no ValueError)
         raise StageError(f"params.yaml: model.arch: {one_line(exc)}") from None
     require_host_memory(config.to_dict(), "base")  # before a single weight is allocated
     torch.manual_seed(int(arch.get("seed", 0)))

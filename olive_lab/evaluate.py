@@ -144,11 +144,27 @@ def ort_variant(onnx_dir: Path, adapter: str | None, prompts: list[str], max_new
     return result
 
 
+def check_models(models: Models, tasks: list[str]) -> None:
+    """Every variant's files, before any work: one line naming the first that is missing and the stage that makes it.
+    (transformers would read a missing folder's name as a hub id and fail on the network instead.)"""
+    needed = [
+        (models.base / "config.json", "base"),
+        (models.quantized / "config.json", "quantize"),
+        *((models.adapters / task / "adapter_config.json", f"finetune@{task}") for task in tasks),
+        (models.onnx / "model" / "genai_config.json", "optimize"),
+        *((models.onnx / "adapters" / f"{task}.onnx_adapter", "optimize") for task in tasks),
+    ]
+    for path, stage in needed:
+        if not path.exists():
+            raise StageError(f"{path}: not found (run `dvc repro {stage}` first)")
+
+
 def evaluate_all(
     models: Models, upstream: Upstream, rows: dict, ev: dict, device: str, tasks: list[str]
 ) -> tuple[dict, dict]:
     """Every variant. Returns (quality metrics, perf): perf holds each ONNX variant's TTFT, tok/s and peak RSS and
     the stage's seconds, apart from the quality figures that the upload stage tags the model with."""
+    check_models(models, tasks)
     gen_rows = rows[JSON_TASK][: ev["max_prompts"]] if JSON_TASK in rows else []
     require_fits(models.base, "evaluate", device)
     start = time.time()

@@ -33,6 +33,54 @@ def require(params: dict[str, Any], dotted: str, source: Path | str = "params.ya
     return node
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+# What a param may hold: a kind's words for the error message, and its test. YAML reads `1e-3` as a string (it wants
+# `1.0e-3`), and `yes` or `"4"` are not numbers: each gets the same one line naming the key.
+KINDS: dict[str, tuple[str, Any]] = {
+    "int>0": ("a positive integer", lambda v: _is_int(v) and v > 0),
+    "int>=0": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "int>0|null": ("a positive integer or null", lambda v: v is None or (_is_int(v) and v > 0)),
+    "number>0": ("a positive number", lambda v: _is_number(v) and v > 0),
+    "number[0,1)": ("a number from 0 up to (not including) 1", lambda v: _is_number(v) and 0 <= v < 1),
+    "number(0,1)": ("a number between 0 and 1", lambda v: _is_number(v) and 0 < v < 1),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "str": ("a non-empty string", lambda v: isinstance(v, str) and bool(v.strip())),
+}
+
+
+def check_params(
+    params: dict[str, Any],
+    spec: dict[str, str | tuple],
+    prefix: str = "",
+    present_only: bool = False,
+    source: Path | str = "params.yaml",
+) -> None:
+    """Every key of `spec` (dotted, under `prefix`) holds what its kind says (a KINDS name, or a tuple of the allowed
+    values); else a StageError naming the file and the key. Stages call it first, before reading any input."""
+    for dotted, kind in spec.items():
+        full = f"{prefix}.{dotted}" if prefix else dotted
+        node: Any = params
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                if present_only:
+                    break
+                raise StageError(f"{source}: missing key '{full}'")
+            node = node[part]
+        else:
+            if isinstance(kind, tuple):
+                if node not in kind:
+                    raise StageError(f"{source}: {full} must be one of {', '.join(map(str, kind))}, not {node!r}")
+            elif not KINDS[kind][1](node):
+                raise StageError(f"{source}: {full} must be {KINDS[kind][0]}, not {node!r}")
+
+
 def task_settings(params: dict[str, Any], task: str, source: Path | str = "params.yaml") -> dict[str, Any]:
     """Shared finetune settings with finetune.tasks.<task> laid over them."""
     finetune = dict(require(params, "finetune", source))

@@ -215,6 +215,8 @@ def compare_quantizers(
     """
     if q["bits"] != 4:
         raise StageError("params.yaml: quantize.bits must be 4 (the ONNX int4 export needs it)")
+    if not (Path(base) / "config.json").exists():  # else transformers reads the folder name as a hub id
+        raise StageError(f"{Path(base) / 'config.json'}: not found (run `dvc repro base` first)")
     require_fits(base, "quantize", device)
     eval_rows = {t: read_jsonl(splits / t / "eval.jsonl") for t in tasks}
     rows = calibration_rows(splits, tasks, seed)

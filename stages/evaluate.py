@@ -7,12 +7,20 @@ from olive_lab.cli import entry_point
 from olive_lab.device import check_device
 from olive_lab.evaluate import Models, Upstream, evaluate_all, write_plots
 from olive_lab.files import read_jsonl, read_metrics, write_json
-from olive_lab.params import load_params, require
+from olive_lab.params import check_params, load_params, require
+
+# Checked before any model or data is read: a bad value stops the stage in one line naming the key.
+PARAMS = {
+    "evaluate.max_prompts": "int>=0",
+    "evaluate.max_new_tokens": "int>0",
+    "evaluate.max_seq_len": "int>0",
+}
 
 
 @entry_point
 def run(argv: list[str]) -> None:
     params = load_params(paths.PARAMS_FILE)
+    check_params(params, PARAMS)
     tasks = require(params, "tasks")
     device = check_device(require(params, "device.name"))
     rows = {task: read_jsonl(paths.SPLITS / task / "eval.jsonl") for task in tasks}

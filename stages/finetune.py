@@ -14,7 +14,20 @@ from olive_lab.cli import entry_point
 from olive_lab.device import check_device
 from olive_lab.files import read_metrics, write_csv, write_json
 from olive_lab.lora import finetune
-from olive_lab.params import load_params, require, task_settings
+from olive_lab.params import check_params, load_params, require, task_settings
+
+# finetune.<key>, and finetune.tasks.<task>.<key> where a task overrides it; checked before anything is read.
+SETTINGS = {
+    "r": "int>0",
+    "alpha": "number>0",
+    "dropout": "number[0,1)",
+    "learning_rate": "number>0",
+    "max_steps": "int>0",
+    "batch_size": "int>0",
+    "max_seq_len": "int>0",
+    "seed": "int>=0",
+    "eval_batch_size": "int>0",
+}
 
 
 @entry_point
@@ -24,6 +37,10 @@ def run(argv: list[str]) -> None:
     task = parser.parse_args(argv).task
     params = load_params(paths.PARAMS_FILE)
     settings = task_settings(params, task)
+    check_params(require(params, "finetune"), SETTINGS, "finetune")
+    override = (params["finetune"].get("tasks") or {}).get(task) or {}
+    check_params(override, SETTINGS, f"finetune.tasks.{task}", present_only=True)
+    check_params(params, {"evaluate.max_seq_len": "int>0"})
     settings["eval_max_seq_len"] = require(params, "evaluate.max_seq_len")
     settings["target_modules"] = require(params, "model.lora_targets")  # model-specific: conf/model/<name>.yaml
     device = check_device(require(params, "device.name"))

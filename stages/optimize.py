@@ -10,13 +10,28 @@ from olive_lab import paths
 from olive_lab.cli import entry_point
 from olive_lab.device import check_device
 from olive_lab.files import read_jsonl, write_json
+from olive_lab.onnx.build import LM_HEADS, PRECISIONS
 from olive_lab.onnx.export import check_inputs, export_and_check
-from olive_lab.params import load_params, require
+from olive_lab.onnx.lora import LAYOUTS
+from olive_lab.params import check_params, load_params, require
+
+# Checked before any model is read: a bad value stops the stage in one line naming the key.
+PARAMS = {
+    "optimize.precision": PRECISIONS,
+    "optimize.block_size": "int>0",
+    "optimize.accuracy_level": (0, 1, 2, 3, 4),
+    "optimize.lm_head": LM_HEADS,
+    "optimize.lora_layout": LAYOUTS,
+    "optimize.cuda_graph": "bool",
+    "optimize.eval_rows": "int>0|null",
+    "evaluate.max_seq_len": "int>0",
+}
 
 
 @entry_point
 def run(argv: list[str]) -> None:
     params = load_params(paths.PARAMS_FILE)
+    check_params(params, PARAMS)
     opt = require(params, "optimize")
     tasks = require(params, "tasks")
     device = check_device(require(params, "device.name"))

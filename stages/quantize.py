@@ -6,13 +6,27 @@ from olive_lab import paths
 from olive_lab.cli import entry_point
 from olive_lab.device import check_device
 from olive_lab.files import write_json
-from olive_lab.params import load_params, require
+from olive_lab.params import check_params, load_params, require
 from olive_lab.quantize import compare_quantizers
+
+# Checked before any model or data is read: a bad value stops the stage in one line naming the key.
+PARAMS = {
+    "quantize.method": ("awq",),
+    "quantize.bits": (4,),
+    "quantize.symmetric": "bool",
+    "quantize.calib_samples": "int>0",
+    "quantize.calib_seq_len": "int>0",
+    "quantize.n_grid": "int>0",
+    "model.group_size": "int>0",
+    "data.seed": "int>=0",
+    "evaluate.max_seq_len": "int>0",
+}
 
 
 @entry_point
 def run(argv: list[str]) -> None:
     params = load_params(paths.PARAMS_FILE)
+    check_params(params, PARAMS)
     metrics, perf = compare_quantizers(
         paths.BASE_MODEL,
         paths.QUANTIZED,
