@@ -529,3 +529,140 @@ def test_live_register_and_read_back(tmp_path, monkeypatch, capsys):
         assert receipt(tmp_path)["uploaded"] is False and receipt(tmp_path)["version"] == got["version"]
     finally:
         client.models.archive("olive-lab-upload-test", got["version"])
+
+
+# ---------------------------------------------------------------- the tag, a new name, a failing register, MLClient
+
+
+def leaves(node, prefix: str = ""):
+    for key, value in node.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            yield from leaves(value, dotted + ".")
+        else:
+            yield dotted
+
+
+def test_params_hash_covers_exactly_the_params_dvc_yaml_declares(stage_dir):
+    """The tag changes with every param the stage declares in dvc.yaml and with no other: a param outside them
+    would make the tag stale (DVC would not re-run upload when it changes), one inside that is not hashed too."""
+    declared = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["upload"]["params"]
+    params = yaml.safe_load((stage_dir / "params.yaml").read_text())
+    model_dir, eval_path = stage_dir / "models" / "onnx", stage_dir / "metrics" / "eval.json"
+
+    def tag(p: dict) -> str:
+        return registry.check_inputs(p, model_dir, eval_path)["params_hash"]
+
+    before = tag(params)
+    keys = list(leaves(params))
+    assert any(k.startswith("upload.") for k in keys) and len(keys) > 30
+    for dotted in keys:
+        changed = yaml.safe_load(yaml.safe_dump(params))
+        node = changed
+        *parents, last = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        # a different value that every upload check still accepts
+        node[last] = "olive-lab-other" if dotted == "upload.model_name" else 42 if dotted == "upload.version" else (
+            f"{node[last]}-changed" if isinstance(node[last], str) else [node[last], "changed"])  # fmt: skip
+        if dotted == "upload.timeout_s":
+            node[last] = 11
+        is_declared = any(dotted == d or dotted.startswith(f"{d}.") for d in declared)
+        assert (tag(changed) != before) == is_declared, dotted
+
+
+def test_first_upload_of_a_new_model_name(configured, stage_dir, capsys):
+    """Azure ML answers 404 to listing the versions of a name it has never seen: that is 'no versions yet'."""
+    from azure.core.exceptions import ResourceNotFoundError
+    from azure.core.paging import ItemPaged
+
+    def no_such_model(continuation_token=None):
+        raise ResourceNotFoundError("Not found: model olive-lab-onnx\nRequest id ...")
+
+    configured.models.list.return_value = ItemPaged(no_such_model, lambda page: (None, iter(page)))
+    code, err = run_stage(capsys)
+    assert code == 0, err
+    configured.models.list.assert_called_once()
+    configured.models.create_or_update.assert_called_once()
+    got = receipt(stage_dir)
+    assert (got["uploaded"], got["registered"], got["version_from"]) == (True, True, "content")
+    (model,), _ = configured.models.create_or_update.call_args
+    assert model.version == got["version"] == registry.version_from_hash(got["tags"]["content_sha256"])
+
+
+def http_error(status: int, message: str):
+    from azure.core.exceptions import HttpResponseError
+
+    exc = HttpResponseError(message=message)
+    exc.status_code = status
+    return exc
+
+
+@pytest.mark.parametrize(
+    "error, says",
+    [
+        (lambda: http_error(403, "AuthorizationFailed: the client 'x' has no write permission\nCode: 403"),
+         "HTTP 403: AuthorizationFailed: the client 'x' has no write permission"),
+        (lambda: __import__("azure.core.exceptions", fromlist=["x"]).ServiceRequestError("Connection reset\nmore"),
+         "cannot reach Azure ML: Connection reset"),
+        (lambda: __import__("azure.ai.ml.exceptions", fromlist=["x"]).ValidationException(
+            message="The path models/onnx is already used by another version\nmore", no_personal_data_message="x"),
+         "The path models/onnx is already used by another version"),
+    ],
+    ids=["http", "network", "sdk"],
+)  # fmt: skip
+def test_failing_create_or_update_is_one_line_and_writes_nothing(configured, stage_dir, capsys, error, says):
+    configured.models.create_or_update.side_effect = error()
+    code, err = run_stage(capsys)
+    assert code == 1 and err.count("\n") == 1, err
+    assert err.startswith("upload: error: registering olive-lab-onnx:") and says in err, err
+    assert not (stage_dir / "models" / "upload").exists()
+
+
+def test_mlclient_is_built_with_the_bounded_credential_and_timeouts(stage_dir, monkeypatch):
+    """open_workspace builds the real MLClient (nothing sent: its first call is the caller's)."""
+    import azure.identity
+    from azure.ai.ml import MLClient
+    from azure.core.credentials import AccessToken
+
+    made = []
+    hang = threading.Event()
+
+    class Credential:  # stands in for DefaultAzureCredential, the one part that would talk to Azure
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+            made.append(self)
+
+        def get_token(self, *scopes, **kwargs):
+            if hang.is_set():
+                time.sleep(30)
+            return AccessToken("token", int(time.time()) + 3600)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(azure.identity, "DefaultAzureCredential", Credential)
+    ws = {"subscription_id": "sub-1", "resource_group": "rg-1", "workspace": "ws-1"}
+    client = registry.open_workspace(ws, 7, time.monotonic() + 7)
+
+    assert isinstance(client, MLClient)
+    [inner] = made
+    assert inner.kwargs == {"process_timeout": 7, "exclude_managed_identity_credential": True,
+                            "exclude_interactive_browser_credential": True, "exclude_broker_credential": True}  # fmt: skip
+    assert isinstance(client._credential, registry.BoundedCredential)
+    assert client._credential.inner is inner and client._credential.seconds == 7
+    scope = client._operation_scope
+    assert (scope.subscription_id, scope.resource_group_name, scope.workspace_name) == ("sub-1", "rg-1", "ws-1")
+    assert client._operation_config._enable_telemetry is False
+    assert {k: client._kwargs[k] for k in ("connection_timeout", "read_timeout", "retry_total", "retry_connect",
+                                           "retry_backoff_max")} == {"connection_timeout": 7, "read_timeout": 60,
+                                                                     "retry_total": 3, "retry_connect": 1,
+                                                                     "retry_backoff_max": 10}  # fmt: skip
+    retry = client._service_client_10_2023._config.retry_policy
+    assert (retry.total_retries, retry.connect_retries) == (3, 1)
+    # every later token request the SDK makes goes through the deadline
+    hang.set()
+    start = time.monotonic()
+    with pytest.raises(registry.StageError, match=r"Azure sign-in got no answer within 7 s \(upload.timeout_s\)"):
+        client._credential.get_token(registry.ARM_SCOPE)
+    assert time.monotonic() - start < 7 + 3

@@ -350,14 +350,19 @@ def azure_errors(step: str) -> Iterator[None]:
     try:
         yield
     except MlException as exc:  # the SDK's own checks (empty folder, path already used by another version...)
-        raise StageError(f"{step}: {exc.message}") from exc
+        raise StageError(f"{step}: {first_line(exc.message or str(exc))}") from exc
     except ClientAuthenticationError as exc:
         raise StageError(f"{step}: {sign_in_failure(exc)}") from exc
     except HttpResponseError as exc:
-        reason = (exc.message or str(exc)).strip().splitlines()[0]
-        raise StageError(f"{step}: HTTP {exc.status_code}: {reason}") from exc
+        raise StageError(f"{step}: HTTP {exc.status_code}: {first_line(exc.message or str(exc))}") from exc
     except ServiceRequestError as exc:
-        raise StageError(f"{step}: cannot reach Azure ML: {str(exc).strip().splitlines()[0]}") from exc
+        raise StageError(f"{step}: cannot reach Azure ML: {first_line(str(exc))}") from exc
+
+
+def first_line(text: str) -> str:
+    """The SDK's messages run over several lines (request ids, docs links): the first one says what happened."""
+    lines = str(text).strip().splitlines()
+    return lines[0].strip() if lines else "(no message)"
 
 
 def registered_versions(client, name: str) -> dict[str, Any]:
