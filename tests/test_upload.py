@@ -33,6 +33,9 @@ AZURE_ENV = [*WORKSPACE, "AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_CLIENT_SEC
              "IDENTITY_ENDPOINT", "IDENTITY_HEADER", "IDENTITY_SERVER_THUMBPRINT", "IMDS_ENDPOINT", "MSI_ENDPOINT",
              "MSI_SECRET", "AZURE_CONFIG_DIR", "AZUREML_CURRENT_CLOUD"]  # fmt: skip
 LIVE_ENV = {k: os.environ.get(k) for k in AZURE_ENV}  # read before any fixture scrubs the environment
+# Fail-fast bounds are upload.timeout_s plus this: starting Python and importing azure.ai.ml take 1-3 s on a quiet
+# host and several times that on a busy 2-core one. What they guard against takes 85-300 s (a silent endpoint).
+BUSY_HOST_S = 10
 
 GUARD = """
 import socket
@@ -419,7 +422,7 @@ def test_silent_workspace_fails_clearly_within_the_bound(configured, stage_dir, 
         release.set()
     assert code == 1 and err.count("\n") == 1
     assert "workspace ws-test" in err and "no answer within 3 s" in err
-    assert time.monotonic() - start < 10
+    assert time.monotonic() - start < 3 + BUSY_HOST_S
     configured.models.create_or_update.assert_not_called()
 
 
@@ -458,7 +461,7 @@ def test_missing_credentials_fail_clearly_and_fast(stage_dir):
     assert code == 1, err
     assert one_error_line(err)
     assert "no credential found" in err and "az login" in err
-    assert elapsed < 10, f"took {elapsed:.1f} s"
+    assert elapsed < 8 + BUSY_HOST_S, f"took {elapsed:.1f} s"
     assert not (stage_dir / "models" / "upload").exists()
 
 
@@ -479,7 +482,7 @@ def test_silent_sign_in_endpoint_fails_clearly_within_the_bound(stage_dir, silen
     assert code == 1, err
     assert one_error_line(err), err
     assert "got no answer within 6 s" in err and f"127.0.0.1:{silent_port}" in err
-    assert elapsed < 10, f"took {elapsed:.1f} s"
+    assert elapsed < 6 + BUSY_HOST_S, f"took {elapsed:.1f} s"
 
 
 def test_unreadable_client_certificate_fails_in_one_line(stage_dir):
@@ -491,7 +494,7 @@ def test_unreadable_client_certificate_fails_in_one_line(stage_dir):
     code, err, elapsed = stage_subprocess(stage_dir, env)
     assert code == 1 and one_error_line(err), err
     assert "credential settings in env are not usable" in err and "certificate" in err
-    assert elapsed < 10, f"took {elapsed:.1f} s"
+    assert elapsed < 10 + BUSY_HOST_S, f"took {elapsed:.1f} s"  # params.yaml's upload.timeout_s: 10
 
 
 # ---------------------------------------------------------------- live, only with a real workspace
@@ -665,4 +668,4 @@ def test_mlclient_is_built_with_the_bounded_credential_and_timeouts(stage_dir, m
     start = time.monotonic()
     with pytest.raises(registry.StageError, match=r"Azure sign-in got no answer within 7 s \(upload.timeout_s\)"):
         client._credential.get_token(registry.ARM_SCOPE)
-    assert time.monotonic() - start < 7 + 3
+    assert time.monotonic() - start < 7 + BUSY_HOST_S
