@@ -335,3 +335,66 @@ async def test_generation_error_is_a_line_on_the_reply_and_the_chat_goes_on(make
         assert app.store.messages(app.conversation_id)[-1].role == "user"  # no reply saved for the failure
         reply = await send(pilot, "Something short")  # the oversized turn is left out to fit
         assert reply.text and app.last_stats.dropped_messages == 1
+
+
+async def test_switching_the_adapter_while_a_reply_streams_applies_to_the_next_reply(make_app):
+    """The streaming reply keeps the adapter it started with (label, saved row, tokens); the new one loads once the
+    reply lets go of the engine and writes the next reply."""
+    from chat.engine import collect
+
+    app = make_app(max_new_tokens=2000)
+    app.settings.sampling.temperature = 0  # greedy: comparable with a fresh base reply, and long enough to switch
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        press_enter_now(app, "Tell me everything about Lisbon")
+        await until(pilot, lambda: app.reply is not None and app.reply.widget.text, "the first text on screen")
+        messages = app.chat_messages()  # what the reply was asked with
+        await pilot.press("ctrl+t")  # to travel, mid-stream
+        await pilot.pause(0.2)
+        assert app.reply is not None, "the reply ended before the switch"
+        assert app.wanted_adapter == "travel" and app.query_one("#adapter", Select).value == "travel"
+        assert app.adapter == "base"  # not before the reply lets go of the engine
+        seen = len(app.reply.widget.text)
+        await until(pilot, lambda: app.reply is None or len(app.reply.widget.text) > seen, "more text after it")
+        await pilot.press("escape")
+        await settle(pilot)
+        stopped = app.query(AssistantMessage).last()
+        assert labels(app) == ["assistant · base"] and app.last_stats.adapter == "base"
+        assert [m.adapter for m in app.store.messages(app.conversation_id)] == [None, "base"]
+        assert app.adapter == "travel" and app.query_one(StatusBar).adapter == "travel"
+        # every streamed token was the base model's: a fresh greedy base reply starts with the same text
+        text, _ = collect(app.engine.generate(messages, "base", Sampling(0, 1.0, app.last_stats.new_tokens)))
+        assert text == stopped.text
+        app.settings.sampling.max_new_tokens = 8
+        app.query_one(PromptInput).clear()
+        await send(pilot, "And in June?")
+        assert labels(app) == ["assistant · base", "assistant · travel"] and app.last_stats.adapter == "travel"
+
+
+async def test_sending_while_the_adapter_still_loads_waits_and_keeps_the_prompt(make_app):
+    """The engine is busy (its lock held, as during a reply) while the chosen adapter waits to load: Enter says so and
+    sends nothing; once loaded, the same prompt goes out with that adapter."""
+    app = make_app(max_new_tokens=8)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        app.engine.lock.acquire()
+        try:
+            await pilot.press("ctrl+t")
+            await pilot.pause(0.2)
+            assert app.wanted_adapter == "travel" and app.adapter == "base"
+            app.query_one(PromptInput).insert("Two days in Porto?")
+            await pilot.press("enter")
+            await pilot.pause()
+            warnings = [n.message for n in app._notifications if n.severity == "warning"]
+            assert warnings and warnings[-1] == "Adapter travel is still loading."
+            assert not app.query(UserMessage) and app.reply is None and app.conversation_id is None
+            assert app.query_one(PromptInput).text == "Two days in Porto?"
+        finally:
+            app.engine.lock.release()
+        await settle(pilot)
+        assert app.adapter == "travel"
+        await pilot.press("enter")
+        await until(pilot, lambda: app._reply_ids == 1 and app.reply is None, "the reply to finish")
+        await settle(pilot)
+        assert [str(u.render()) for u in app.query(UserMessage)] == ["Two days in Porto?"]
+        assert labels(app) == ["assistant · travel"] and app.last_stats.adapter == "travel"
