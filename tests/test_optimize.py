@@ -117,6 +117,13 @@ def built(grid_base, grid_adapters, tmp_path_factory) -> dict[str, Path]:
     build_onnx(grid_base, root / "cuda", grid_adapters, **{**int4, "execution_provider": "cuda"})
     build_onnx(
         grid_base,
+        root / "cuda_resident",
+        grid_adapters,
+        **{**int4, "execution_provider": "cuda"},
+        lora_layout="resident",
+    )
+    build_onnx(
+        grid_base,
         root / "fp32",
         grid_adapters,
         precision="fp32",
@@ -124,7 +131,7 @@ def built(grid_base, grid_adapters, tmp_path_factory) -> dict[str, Path]:
         block_size=GROUP,
         accuracy_level=4,
     )
-    return {name: root / name for name in ("lora", "switch", "resident", "plain", "fp32", "cuda")}
+    return {name: root / name for name in ("lora", "switch", "resident", "plain", "fp32", "cuda", "cuda_resident")}
 
 
 def lora_inputs(model_dir: Path) -> set[str]:
@@ -236,6 +243,13 @@ def test_resident_layout_computes_what_the_branches_do(built, grid_base):
     assert np.abs(resident.logits(ids, other) - branches.logits(ids, weights)).max() > 1e-2
 
 
+def test_auto_layout_is_resident_on_cuda_only():
+    from olive_lab.onnx.lora import resolve_layout
+
+    assert resolve_layout("auto", "cuda") == "resident" and resolve_layout("auto", "cpu") == "branches"
+    assert resolve_layout("switch", "cuda") == "switch"
+
+
 def test_plain_model_has_no_lora_inputs(built):
     assert lora_inputs(built["plain"] / "model") == set()
     assert list((built["plain"] / "adapters").iterdir()) == []
@@ -292,9 +306,10 @@ def torch_models(grid_base, grid_adapters):
 LOGIT_TOL = {"lora": {"rms": 0.02, "max": 0.25}, "fp32": {"rms": 1e-4, "max": 1e-3}}
 LOGIT_TOL["switch"] = LOGIT_TOL["resident"] = LOGIT_TOL["lora"]
 LOGIT_TOL["cuda"] = {"rms": 0.04, "max": 0.3}  # fp16 activations on top of the int4 error (SmolLM2: 0.026 / 0.20)
+LOGIT_TOL["cuda_resident"] = LOGIT_TOL["cuda"]
 
 
-@pytest.mark.parametrize("variant", ["lora", "switch", "resident", "fp32", "cuda"])
+@pytest.mark.parametrize("variant", ["lora", "switch", "resident", "fp32", "cuda", "cuda_resident"])
 def test_adapter_logits_agree_with_torch(built, grid_base, torch_models, variant):
     tokenizer = load_tokenizer(grid_base)
     onnx_lm = OnnxLM(built[variant] / "model")

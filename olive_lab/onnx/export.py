@@ -21,7 +21,14 @@ from olive_lab.files import atomic_dir, dir_size_mb, remove_outputs
 from olive_lab.int4_grid import META_FILE
 from olive_lab.memory import require_fits
 from olive_lab.onnx.build import export_model, set_cuda_graph
-from olive_lab.onnx.lora import add_lora_inputs, make_resident, peft_to_inputs, read_adapter, write_adapter
+from olive_lab.onnx.lora import (
+    add_lora_inputs,
+    make_resident,
+    peft_to_inputs,
+    read_adapter,
+    resolve_layout,
+    write_adapter,
+)
 from olive_lab.onnx.rope import capturable_longrope
 from olive_lab.tokenizer import canonicalize
 
@@ -201,6 +208,7 @@ def export_and_check(
     Returns (metrics, perf): perf holds the wall-clock seconds, which nothing downstream depends on.
     """
     check_inputs(hf_dir, adapters)
+    layout = resolve_layout(opt.get("lora_layout", "branches"), execution_provider)
     require_fits(hf_dir, "optimize", "cpu")  # the builder works on the host whatever the target
     info = build_onnx(
         hf_dir,
@@ -211,7 +219,7 @@ def export_and_check(
         accuracy_level=int(opt["accuracy_level"]),
         execution_provider=execution_provider,
         lm_head=opt.get("lm_head", "int8"),
-        lora_layout=opt.get("lora_layout", "branches"),
+        lora_layout=layout,
         cuda_graph=bool(opt.get("cuda_graph", False)),
         builder_extra=builder_extra,
     )
@@ -221,7 +229,7 @@ def export_and_check(
         **info,
         "precision": opt["precision"],
         "lm_head": opt.get("lm_head", "int8"),
-        "lora_layout": opt.get("lora_layout", "branches"),
+        "lora_layout": layout,
     }
     start = time.time()
     try:  # a model that fails a check is removed: nothing half-right is left for DVC to cache

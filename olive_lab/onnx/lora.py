@@ -33,6 +33,18 @@ LAYOUTS = ("branches", "switch", "resident")
 SWITCH = "lora_active"  # layout "switch": 0 (default) runs the plain graph, adapters carry 1
 RESIDENT_INDEX = "lora_index"  # layout "resident": which of the model's stacked adapters the branches read, 0: none
 RESIDENT_DATA = "lora_adapters.onnx.data"  # layout "resident": the stacked adapters, next to model.onnx
+# optimize.lora_layout also takes "auto": "resident" on CUDA, where ORT GenAI 0.18 re-copies a loaded adapter to the
+# device at every step (H200: 2.5x decode with an adapter at 3.8B), "branches" on CPU, where adapters stay files
+PARAM_LAYOUTS = ("auto", *LAYOUTS)
+
+
+def resolve_layout(layout: str, execution_provider: str) -> str:
+    """The concrete layout for optimize.lora_layout (`auto` picks by execution provider)."""
+    if layout == "auto":
+        return "resident" if execution_provider == "cuda" else "branches"
+    return layout
+
+
 # PEFT options whose effect this conversion does not reproduce.
 UNSUPPORTED = ("use_dora", "lora_bias", "modules_to_save", "fan_in_fan_out", "rank_pattern", "alpha_pattern")
 
