@@ -22,8 +22,10 @@ def env() -> dict[str, str]:
     return e
 
 
-def sh(cwd: Path, *cmd: str, check: bool = True, timeout: float = 1800) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+def sh(
+    cwd: Path, *cmd: str, check: bool = True, timeout: float = 1800, environ: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=environ or env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
