@@ -10,6 +10,7 @@ import random
 import time
 from pathlib import Path
 
+from olive_lab import distributed
 from olive_lab.errors import StageError
 from olive_lab.files import atomic_dir, read_jsonl
 from olive_lab.lm import batches, encode_example, eval_loss, load_model, load_tokenizer, token_nll
@@ -32,10 +33,15 @@ def lora_model(model, s: dict):
 
 
 def train(model, tokenizer, rows: list[dict], s: dict) -> list[tuple[int, float]]:
-    """AdamW with linear warmup and decay for s['max_steps'] steps; returns the (step, loss) curve."""
+    """AdamW with linear warmup and decay for s['max_steps'] steps; returns the (step, loss) curve.
+
+    Under torchrun (olive_lab.distributed) each rank computes its share of the same global batch and the update is
+    the single-process one: loss over the global token count, gradients summed over the ranks.
+    """
     import torch
     from tqdm import tqdm
 
+    shard, world = distributed.rank(), distributed.world_size()
     rng = random.Random(s["seed"])
     examples = [encode_example(tokenizer, r["prompt"], r["response"], s["max_seq_len"]) for r in rows]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -46,26 +52,29 @@ def train(model, tokenizer, rows: list[dict], s: dict) -> list[tuple[int, float]
     )
     curve, order = [], []
     model.train()
-    bar = tqdm(range(s["max_steps"]), desc="finetune", unit="step")
+    bar = tqdm(range(s["max_steps"]), desc="finetune", unit="step", disable=not distributed.is_main())
     for step in bar:
         if len(order) < s["batch_size"]:
             order += rng.sample(range(len(examples)), len(examples))  # epoch after epoch, reshuffled
         chunk, order = order[: s["batch_size"]], order[s["batch_size"] :]
+        mine = chunk[shard::world]  # every rank drew the same chunk: each takes its share
         # Sorting by length inside the batch changes nothing in the loss but keeps padding small.
         batch = next(
-            batches(
-                sorted((examples[i] for i in chunk), key=lambda e: len(e[0])), s["batch_size"], tokenizer.pad_token_id
-            )
+            batches(sorted((examples[i] for i in mine), key=lambda e: len(e[0])), len(mine), tokenizer.pad_token_id)
         )
         nll, count = token_nll(model, batch, grad=True)
-        loss = nll / count
+        totals = distributed.all_reduce_sum(torch.tensor([float(count), nll.item()], device=nll.device))
+        loss = nll / totals[0]  # this rank's part of the mean over the global batch's tokens
         loss.backward()
+        if world > 1:
+            distributed.all_reduce_sum([p.grad for p in params])
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        curve.append((step + 1, round(loss.item(), 4)))
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        mean = (totals[1] / totals[0]).item()
+        curve.append((step + 1, round(mean, 4)))
+        bar.set_postfix(loss=f"{mean:.3f}")
     model.eval()
     return curve
 
@@ -77,28 +86,43 @@ def finetune(task: str, s: dict, device: str, base: Path, splits: Path, out: Pat
     import torch
 
     check_targets(base, list(s["target_modules"]))  # config problems first, before any data or weights are read
+    world = distributed.world_size()
+    if world > s["batch_size"]:
+        raise StageError(
+            f"params.yaml: finetune.batch_size {s['batch_size']} is smaller than device.gpus {world}: "
+            "each GPU needs at least one example per step"
+        )
     require_fits(base, "finetune", device)
     train_rows = read_jsonl(splits / task / "train.jsonl")
     eval_rows = read_jsonl(splits / task / "eval.jsonl")
+    if world > 1:
+        distributed.init(device)
     torch.manual_seed(s["seed"])
     tokenizer = load_tokenizer(base)
     model = load_model(base, device)
     metrics: dict = {"task": task, "train_rows": len(train_rows), "eval_rows": len(eval_rows)}
-    if base_loss is None:
+    if base_loss is None and distributed.is_main():
         base_loss = eval_loss(model, tokenizer, eval_rows, s["eval_max_seq_len"], s["eval_batch_size"])
-    metrics["base_eval_loss"] = round(base_loss, 4)
-    log.info("%s: quantized base eval loss %.4f; training %d steps", task, metrics["base_eval_loss"], s["max_steps"])
+    log.info("%s: training %d steps on %d process(es)", task, s["max_steps"], world)
 
     start = time.time()
     model = lora_model(model, s)
     curve = train(model, tokenizer, train_rows, s)
+    if device == "cuda":
+        torch.cuda.synchronize()
     seconds = round(time.time() - start, 1)
+    if not distributed.is_main():  # rank 0 evaluates and writes
+        distributed.barrier()
+        return None, curve, seconds
+    metrics["base_eval_loss"] = round(base_loss, 4)
+    log.info("%s: quantized base eval loss %.4f", task, metrics["base_eval_loss"])
     metrics["adapter_eval_loss"] = round(
         eval_loss(model, tokenizer, eval_rows, s["eval_max_seq_len"], s["eval_batch_size"]), 4
     )
     metrics["eval_loss_reduction"] = round(1 - metrics["adapter_eval_loss"] / metrics["base_eval_loss"], 4)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
+    distributed.barrier()
     log.info(
         "%s: adapter eval loss %.4f (%.0f%% lower) in %.0f s",
         task,

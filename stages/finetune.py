@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 
-from olive_lab import paths
+from olive_lab import distributed, paths
 from olive_lab.cli import entry_point
 from olive_lab.device import check_device
+from olive_lab.distributed import check_gpus
+from olive_lab.errors import StageError
 from olive_lab.files import read_metrics, write_csv, write_json
 from olive_lab.lora import finetune
 from olive_lab.params import check_params, load_params, require, task_settings
@@ -44,14 +46,29 @@ def run(argv: list[str]) -> None:
     settings["eval_max_seq_len"] = require(params, "evaluate.max_seq_len")
     settings["target_modules"] = require(params, "model.lora_targets")  # model-specific: conf/model/<name>.yaml
     device = check_device(require(params, "device.name"))
+    check_params(params, {"device.gpus": "int>0"})
+    gpus = int(require(params, "device.gpus"))
+    if gpus > 1 and not distributed.launched():  # one torchrun worker per GPU, each running this stage
+        check_gpus(gpus, device)
+        status = distributed.relaunch("stages.finetune", argv, gpus)
+        if status:
+            raise StageError(f"finetune {task}: the {gpus} torchrun workers failed (exit {status}); see above")
+        return
     # The quantize stage measured the quantized model on the same rows with the same max_seq_len.
     base_loss = read_metrics(paths.QUANTIZE_METRICS).get("task_eval_loss", {}).get("awq", {}).get(task)
     metrics, curve, seconds = finetune(
         task, settings, device, paths.QUANTIZED, paths.SPLITS, paths.adapter_dir(task), base_loss
     )
-    write_json(paths.finetune_metrics(task), metrics)
-    write_json(paths.perf_file(f"finetune_{task}"), {"seconds": seconds})
-    write_csv(paths.finetune_plot(task), ("step", "loss"), curve)
+    try:
+        if not distributed.is_main():
+            return
+        write_json(paths.finetune_metrics(task), metrics)
+        samples = settings["max_steps"] * settings["batch_size"]
+        perf = {"seconds": seconds, "gpus": gpus, "samples_per_s": round(samples / max(seconds, 1e-9), 2)}
+        write_json(paths.perf_file(f"finetune_{task}"), perf)
+        write_csv(paths.finetune_plot(task), ("step", "loss"), curve)
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":
