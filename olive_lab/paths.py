@@ -38,8 +38,16 @@ EVAL_PLOTS = PLOTS / "eval"
 AZURITE_STATE = Path(".azurite")  # gitignored: blob data, pid and log of the server `make remote-up` starts
 AZURITE_BIN = Path("node_modules/.bin/azurite-blob")  # installed by `npm ci` (package.json pins azurite)
 DVC_LOCAL_CONFIG = Path(".dvc/config.local")
+DVC_CACHE = Path(".dvc/cache")  # DVC's default local cache (what `make pull` fills)
 
 BENCH_RESULTS = Path("bench/results")
+
+# `make cloud` (tools/cloud.py)
+DVC_YAML = Path("dvc.yaml")
+REQUIREMENTS_LOCK = Path("requirements.lock")
+GPU_WHEELS = Path("bench/gpu/wheels.txt")  # the CUDA builds' pins
+AMLIGNORE = Path(".amlignore")  # what the job's code snapshot leaves out
+CLOUD_DIR = Path(".cloud")  # gitignored: the last job spec, .cloud/job.yml
 
 
 def adapter_dir(task: str) -> Path:

@@ -7,6 +7,7 @@ ONNX model; a misconfigured remote fails in one line within seconds instead of D
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import socket
 import sys
@@ -181,3 +182,135 @@ def test_remote_up_and_down_run_a_local_azurite_and_point_dvc_at_it(bare_repo, t
     assert "connection_string" not in (repo / ".dvc/config.local").read_text()
     failed, _ = remote(repo, "check")
     assert failed.returncode == 1 and "requires either account_name or connection_string" in failed.stderr
+
+
+# ---------------------------------------------------------------- the remote dying mid-transfer
+
+FILES = 600  # 64 KB each: a transfer that lasts long enough (seconds) to kill the server in the middle of it
+STALLED_S = 8 + 22  # STALL_S, plus headroom for a busy host (DVC alone retries for ~4 minutes)
+
+
+def error_lines(stderr: str) -> list[str]:
+    """Everything but the check's own progress log line (`HH:MM:SS olive_lab...`): DVC's output and our error."""
+    return [line for line in stderr.splitlines() if line.strip() and not re.match(r"\d\d:\d\d:\d\d olive_lab", line)]
+
+
+def killable_azurite(data: Path, port: int):
+    return start_azurite(ROOT / AZURITE_BIN, port, data)
+
+
+def count_blobs(conn_str: str) -> int:
+    from azure.storage.blob import BlobServiceClient
+
+    with BlobServiceClient.from_connection_string(conn_str, retry_total=0) as client:
+        return sum(1 for _ in client.get_container_client("olive-lab").list_blobs())
+
+
+def transfer_env() -> dict[str, str]:
+    from tests.pipeline import env
+
+    return {**env(), "PYTHONPATH": str(ROOT)}
+
+
+def data_repo(path: Path, conn_str: str) -> Path:
+    """A git + DVC repo with FILES tracked files and the project's remote (azure://olive-lab/dvc) at `conn_str`."""
+    import os
+
+    path.mkdir()
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"],
+                ["git", "config", "user.name", "t"], ["dvc", "init", "-q"],
+                ["dvc", "remote", "add", "-d", REMOTE, "azure://olive-lab/dvc"]):  # fmt: skip
+        sh(path, *cmd)
+    point_at(path, conn_str)
+    (path / "blobs").mkdir()
+    for i in range(FILES):
+        (path / "blobs" / f"{i:04d}.bin").write_bytes(os.urandom(64 * 1024))
+    sh(path, "dvc", "add", "blobs")
+    sh(path, "git", "add", "-A")
+    sh(path, "git", "commit", "-qm", "data")
+    return path
+
+
+def kill_when(server, condition, what: str) -> None:
+    deadline = time.monotonic() + 120
+    while not condition():
+        assert time.monotonic() < deadline, f"never saw {what}"
+        time.sleep(0.05)
+    import os
+    import signal
+
+    os.killpg(server.pid, signal.SIGKILL)
+    server.wait()
+
+
+def stalled_transfer(repo: Path, command: str, server, condition, what: str):
+    """`python -m tools.remote <command>` with the server killed once `condition` holds: (proc, seconds from the
+    kill to the end)."""
+    import subprocess
+    import threading
+
+    proc = subprocess.Popen([sys.executable, "-m", "tools.remote", command], cwd=repo, env=transfer_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    killed_at: list[float] = []
+
+    def killer() -> None:
+        kill_when(server, lambda: proc.poll() is not None or condition(), what)
+        killed_at.append(time.monotonic())
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    out, err = proc.communicate(timeout=300)
+    thread.join()
+    assert killed_at, "the transfer ended before the server was killed"
+    proc.stdout, proc.stderr = out, err
+    return proc, time.monotonic() - killed_at[0]
+
+
+def test_push_and_pull_stop_in_one_line_when_the_remote_dies_and_a_rerun_completes(tmp_path):
+    port = free_port()
+    conn = connection_string(port)
+    server = killable_azurite(tmp_path / "azurite", port)
+    try:
+        create_container(conn, "olive-lab")
+        repo = data_repo(tmp_path / "repo", conn)
+
+        # push: killed after some files arrived
+        proc, after_kill = stalled_transfer(repo, "push", server, lambda: count_blobs(conn) >= 20, "20 blobs pushed")
+        assert proc.returncode == 1, proc.stderr
+        lines = error_lines(proc.stderr)
+        assert len(lines) == 1, proc.stderr
+        sent = int(re.search(r"stopped it after at least (\d+) files were sent", lines[0]).group(1))
+        assert lines[0].startswith("remote: error: remote 'azure' (azure://olive-lab/dvc at http://127.0.0.1:")
+        assert "no answer for 8 s during `dvc push`" in lines[0] and "run `make push` again" in lines[0]
+        assert 0 <= sent < FILES + 1, lines[0]
+        assert after_kill < STALLED_S, f"{after_kill:.1f} s after the remote died"
+
+        server = killable_azurite(tmp_path / "azurite", port)  # same data: what was sent is still there
+        proc = sh(repo, sys.executable, "-m", "tools.remote", "push", check=False, environ=transfer_env())
+        assert proc.returncode == 0, proc.stderr
+        assert count_blobs(conn) == FILES + 1  # each file, and the folder's .dir listing
+        assert json.loads(sh(repo, "dvc", "status", "--cloud", "--json").stdout) == {}
+
+        # pull into a fresh clone: killed after some files arrived
+        mine = clone(repo, tmp_path / "mine")
+        point_at(mine, conn)
+        cache = mine / ".dvc" / "cache"
+        proc, after_kill = stalled_transfer(
+            mine, "pull", server, lambda: cache.exists() and sum(1 for p in cache.rglob("*") if p.is_file()) >= 20,
+            "20 files pulled",
+        )  # fmt: skip
+        assert proc.returncode == 1, proc.stderr
+        lines = error_lines(proc.stderr)
+        assert len(lines) == 1, proc.stderr
+        assert "no answer for 8 s during `dvc pull`" in lines[0] and "run `make pull` again" in lines[0]
+        received = int(re.search(r"stopped it after (\d+) files were received", lines[0]).group(1))
+        assert 20 <= received < FILES + 1, lines[0]
+        assert after_kill < STALLED_S, f"{after_kill:.1f} s after the remote died"
+
+        server = killable_azurite(tmp_path / "azurite", port)
+        proc = sh(mine, sys.executable, "-m", "tools.remote", "pull", check=False, environ=transfer_env())
+        assert proc.returncode == 0, proc.stderr
+        assert file_hashes(mine, ["blobs"]) == file_hashes(repo, ["blobs"])
+        assert "up to date" in sh(mine, "dvc", "status").stdout
+    finally:
+        stop(server.pid)

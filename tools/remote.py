@@ -4,16 +4,16 @@ python -m tools.remote up            # Azurite on 127.0.0.1 (data in .azurite/),
                                      # .dvc/config.local pointed at it (make remote-up)
 python -m tools.remote down          # stop it, drop its connection string from .dvc/config.local
 python -m tools.remote check         # one request to the remote, no retries: reachable, key valid, container there
-python -m tools.remote push|pull [dvc args]   # check, then `dvc push|pull` (make push / make pull)
+python -m tools.remote push|pull [dvc args]   # check, then `dvc push|pull` (make push / make pull), stopped in
+                                              # one line when the remote goes silent mid-transfer
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
 from olive_lab import paths
-from olive_lab.azure.azurite import check, down, remote_arg, up
+from olive_lab.azure.azurite import check, down, remote_arg, transfer, up
 from olive_lab.cli import entry_point
 from olive_lab.errors import StageError
 
@@ -30,8 +30,7 @@ def run(argv: list[str]) -> None:
     else:
         check(remote_arg(rest))
         if command != "check":
-            sys.stdout.flush()
-            os.execv(sys.executable, [sys.executable, "-m", "dvc", command, *rest])
+            sys.exit(transfer(command, rest, paths.DVC_CACHE))
 
 
 if __name__ == "__main__":

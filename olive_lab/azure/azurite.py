@@ -30,6 +30,12 @@ DEV_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFP
 CONNECT_S = 5  # TCP/TLS connect of the check request
 READ_S = 8  # waiting for the answer of the check request (listing at most one blob)
 START_S = 30  # for Azurite to listen
+# During `make push/pull`: one probe of the remote every PROBE_S, each given PROBE_CONNECT_S + PROBE_READ_S; no answer
+# for STALL_S stops the transfer. A live remote answers a listing in milliseconds, even while DVC is sending to it.
+PROBE_S = 1
+PROBE_CONNECT_S = 2
+PROBE_READ_S = 3
+STALL_S = 8
 
 
 def connection_string(port: int) -> str:
@@ -174,6 +180,42 @@ async def _probe(client, container: str, prefix: str) -> None:
             break
 
 
+class Remote:
+    """The DVC remote as DVC itself would reach it (.dvc/config(.local), env or `az login`), for one-request probes."""
+
+    def __init__(self, name: str, url: str):
+        from dvc.repo import Repo
+
+        self.name, self.url = name, url
+        try:
+            with Repo() as repo:
+                odb = repo.cloud.get_remote_odb(name, "push")
+                self.container, _, self.prefix = odb.path.partition("/")
+                made = odb.fs.fs.service_client
+        except Exception as exc:  # dvc's own auth errors: no account_name / connection_string anywhere
+            raise StageError(f"remote '{name}' ({url}): {exc} (see README: 'Sharing artifacts')") from None
+        self.service_url, self.credential = made.url, made.credential
+        self.where = f"remote '{name}' ({url} at {made.url.split('?')[0]})"  # never print a SAS token
+
+    def client(self, connect_s: float, read_s: float):
+        from azure.storage.blob.aio import BlobServiceClient
+
+        return BlobServiceClient(
+            self.service_url, credential=self.credential, retry_total=0, connection_timeout=connect_s,
+            read_timeout=read_s,
+        )  # fmt: skip
+
+    def count(self, connect_s: float, read_s: float) -> int:
+        """Blobs under the remote's prefix (one listing, no retries): what a push has sent so far."""
+
+        async def listing() -> int:
+            async with self.client(connect_s, read_s) as client:
+                blobs = client.get_container_client(self.container).list_blobs(name_starts_with=self.prefix)
+                return sum([1 async for _ in blobs])
+
+        return asyncio.run(listing())
+
+
 def check(name: str | None = None) -> None:
     """One listing request without retries; any failure becomes one line that says what to fix."""
     from azure.core.exceptions import (
@@ -182,24 +224,13 @@ def check(name: str | None = None) -> None:
         ServiceRequestError,
         ServiceResponseError,
     )
-    from azure.storage.blob.aio import BlobServiceClient
-    from dvc.repo import Repo
 
     name, url = remote_url(name)
     if not url.startswith("azure://"):
         return  # not ours to check
-    try:
-        with Repo() as repo:
-            odb = repo.cloud.get_remote_odb(name, "push")
-            container, _, prefix = odb.path.partition("/")
-            made = odb.fs.fs.service_client  # how DVC authenticates, from .dvc/config(.local), env or `az login`
-    except Exception as exc:  # dvc's own auth errors: no account_name / connection_string anywhere
-        raise StageError(f"remote '{name}' ({url}): {exc} (see README: 'Sharing artifacts')") from None
-    endpoint = made.url.split("?")[0]  # never print a SAS token
-    client = BlobServiceClient(
-        made.url, credential=made.credential, retry_total=0, connection_timeout=CONNECT_S, read_timeout=READ_S
-    )
-    where = f"remote '{name}' ({url} at {endpoint})"
+    remote = Remote(name, url)
+    container, prefix, where = remote.container, remote.prefix, remote.where
+    client = remote.client(CONNECT_S, READ_S)
     try:
         asyncio.run(_probe(client, container, prefix))
     except ResourceNotFoundError:
@@ -223,6 +254,70 @@ def check(name: str | None = None) -> None:
                 reason = f"cannot connect ({getattr(oserr, 'strerror', None) or oserr or exc})"
         raise StageError(f"{where}: {reason}") from None
     log.info("%s: reachable, credentials accepted", where)
+
+
+def cache_files(cache: Path) -> int:
+    return sum(1 for p in cache.rglob("*") if p.is_file()) if cache.exists() else 0
+
+
+def transfer(command: str, args: list[str], cache: Path) -> int:
+    """`dvc push|pull args` (after `check`), stopped in one line when the remote goes silent mid-transfer.
+
+    DVC retries a remote that stopped answering for about 4 minutes, then prints a multi-line error per file. Here
+    the remote is probed (one listing, no retries) every PROBE_S while DVC runs; after STALL_S without an answer DVC
+    is stopped and one line says how many files got across and to run the command again (DVC then sends or fetches
+    only what is missing). Returns DVC's exit status, or 1 after a stall."""
+    name, url = remote_url(remote_arg(args))
+    if not url.startswith("azure://"):  # not ours to watch
+        return subprocess.call([sys.executable, "-m", "dvc", command, *args])
+    remote = Remote(name, url)
+
+    def progress() -> int:
+        """Files across so far: blobs in the remote (push), files in the local cache (pull)."""
+        return remote.count(PROBE_CONNECT_S, PROBE_READ_S) if command == "push" else cache_files(cache)
+
+    before = progress()
+    sys.stdout.flush()
+    # its own session: on a stall only DVC (and anything it started) is stopped; Ctrl+C here is forwarded below
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", command, *args], start_new_session=True)
+    last_answer, done = time.monotonic(), before
+    try:
+        while proc.poll() is None:
+            try:
+                if command == "push":
+                    done = remote.count(PROBE_CONNECT_S, PROBE_READ_S)
+                else:
+                    asyncio.run(_probe(remote.client(PROBE_CONNECT_S, PROBE_READ_S), remote.container, remote.prefix))
+                last_answer = time.monotonic()
+            except Exception:  # noqa: BLE001 - refused, reset, timed out, 5xx: the remote is not answering
+                pass
+            if time.monotonic() - last_answer >= STALL_S:
+                _stop_group(proc)
+                # pull: counted now, exact; push: the last listing the remote answered, a lower bound
+                moved = f"at least {done - before} files were sent" if command == "push" else (
+                    f"{cache_files(cache) - before} files were received")  # fmt: skip
+                raise StageError(
+                    f"{remote.where}: no answer for {STALL_S} s during `dvc {command}`, stopped it after {moved}; "
+                    f"run `make {command}` again (it {'sends' if command == 'push' else 'fetches'} only what is "
+                    "missing)"
+                )
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=PROBE_S)
+    finally:
+        if proc.poll() is None:  # Ctrl+C or SIGTERM reached us: DVC, in its own session, did not see it
+            _stop_group(proc, signal.SIGINT)
+    return proc.returncode
+
+
+def _stop_group(proc: subprocess.Popen, first: int = signal.SIGTERM) -> None:
+    for sig, wait_s in ((first, 5), (signal.SIGKILL, 5)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
