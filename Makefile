@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: help setup lock params deps repro chat test test-fast lint format clean bench-chat bench-lora bench-setup bench-cpu \
-        remote-up remote-down push pull wheelhouse gpu-tokenizer
+        remote-up remote-down push pull wheelhouse gpu-tokenizer cloud
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -78,6 +78,9 @@ push:  ## check the DVC remote (one line if misconfigured), then dvc push [TARGE
 	$(BIN)/python -m tools.remote push $(TARGETS)
 pull:  ## check the DVC remote, then dvc pull [TARGETS=...] (TARGETS=optimize: only models/onnx)
 	$(BIN)/python -m tools.remote pull $(TARGETS)
+
+cloud:  ## submit cloud.stages as an Azure ML command job (DRY_RUN=1: only write and check .cloud/job.yml)
+	$(BIN)/python -m tools.cloud $(if $(DRY_RUN),--dry-run,)
 
 bench-chat:  ## chat startup to a usable prompt (goal <= 2 s), tiny model
 	$(BIN)/python -m bench.chat_startup --tiny

@@ -306,6 +306,12 @@ def sign_in_failure(exc: Exception) -> str:
     )
 
 
+def quiet_azure_logs() -> None:
+    """The SDK logs each failed sign-in method over many lines; callers report the failure in one."""
+    for noisy in ("azure.identity", "azure.ai.ml._utils._experimental"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
 def open_workspace(ws: dict[str, str], timeout_s: float, deadline: float):
     """Sign in (bounded by the stage's deadline) and return an MLClient whose HTTP calls have timeouts and few retries."""
     from azure.ai.ml import MLClient
@@ -423,8 +429,7 @@ def upload(params: dict[str, Any], model_dir: Path, eval_path: Path, out: Path, 
     """Check, sign in, look up, register (when a workspace is configured), then write `out`/model.yml and
     `out`/receipt.json atomically. `started`: monotonic time the process started; everything before the upload
     itself (imports, sign-in, reaching the workspace) ends within upload.timeout_s of it."""
-    for noisy in ("azure.identity", "azure.ai.ml._utils._experimental"):  # we report their failures in one line
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    quiet_azure_logs()
     timeout_s = require(params, "upload.timeout_s")
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or not 3 <= timeout_s <= 600:
         raise StageError(
