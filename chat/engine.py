@@ -9,6 +9,16 @@ that it gives the same ids as the transformers tokenizer the adapters were train
 Hugging Face `tokenizers` here (encode 0.02-0.05 ms against 0.23-0.30 ms for a 99-token prompt, streaming decode
 0.7-1.4 against 1.5-4.6 us per token, 2 cores). Replies stop at the model's end-of-turn tokens, which the
 optimize stage writes into genai_config.json (eos_token_id) from the model's own tokenizer and generation config.
+
+The KV cache lives across turns: one ORT GenAI generator, created with the model's whole context as its max_length
+(ORT GenAI fixes max_length, and with it the size of the shared past/present buffer, at creation), is kept after a
+reply. When the next request uses the same adapter and search options and its messages extend the previous ones,
+only the tokens after the longest common prefix are appended (`rewind_to` first: the last generated token has no
+KV yet, and a reply's text may re-tokenize differently from the tokens that were sampled). Anything else (another
+adapter, a system-prompt or sampling change, an edited or other conversation, a stopped or failed reply, the
+history outgrowing the context) starts a new generator and prefills the whole prompt once. One cache, not one per
+adapter: the buffer is allocated and zero-filled for the whole context (about 360 MB for SmolLM2-135M's 8192
+tokens in fp32), so a switch costs one prefill of the history instead.
 """
 
 from __future__ import annotations
@@ -71,6 +81,21 @@ class ReplyStats:
     tokens_per_s: float | None = None
     finish: str = "done"  # done | length | stopped
     dropped_messages: int = 0  # oldest turns left out to fit the context
+    prefill_tokens: int = 0  # prompt tokens run through the model for this reply (the rest came from the cache)
+    cache_reused: bool = False  # False: a new generator (first turn, or the cache was rebuilt)
+
+
+@dataclass
+class _Cache:
+    """The live generator and what its KV cache holds."""
+
+    generator: object  # og.Generator
+    adapter: str
+    search: tuple[bool, float, float]  # do_sample, temperature, top_p: fixed at creation
+    messages: list[dict[str, str]]  # the request the last reply answered (the app's whole history)
+    dropped: int  # messages left out of it to fit the context
+    tokens: list[int]  # prompt + reply ids; the last one has no KV yet when the reply ended on a sampled token
+    computed: int  # how many of `tokens` have their KV in the generator
 
 
 def model_files(model_dir: Path | str) -> Path:
@@ -115,6 +140,9 @@ class Engine:
         self._adapters = None
         self._loaded_adapters: set[str] = set()
         self._stop_ids: set[int] = set()
+        self._cache: _Cache | None = None
+        self.prefilled_tokens = 0  # prompt tokens run through the model, all replies: what the cache saves
+        self.cache_builds = 0  # generators created for replies (first turns and rebuilds)
 
     @property
     def name(self) -> str:
@@ -204,15 +232,17 @@ class Engine:
     def encode(self, messages: list[dict[str, str]]) -> list[int]:
         return self._tokenizer.encode(self.render(messages)).tolist()
 
-    def fit(self, messages: list[dict[str, str]], room: int) -> tuple[list[int], int]:
+    def fit(self, messages: list[dict[str, str]], room: int, slack: int = 0) -> tuple[list[int], int]:
         """Prompt ids for `messages`, dropping the oldest turns (never the system prompt or the last message)
-        until `room` new tokens fit in the context. Returns (ids, how many messages were dropped)."""
+        until `room` new tokens fit in the context, and `slack` more once any turn has to go. Returns (ids, how many
+        messages were dropped)."""
         head = [m for m in messages[:1] if m["role"] == "system"]
         body = messages[len(head) :]
         dropped = 0
         while True:
             ids = self.encode(head + body[dropped:])
-            if len(ids) + room <= self.context_length or dropped >= len(body) - 1:
+            limit = self.context_length - (slack if dropped else 0)
+            if len(ids) + room <= limit or dropped >= len(body) - 1:
                 break
             dropped += 1
             while dropped < len(body) - 1 and body[dropped]["role"] != "user":  # keep turns paired
@@ -224,43 +254,103 @@ class Engine:
     def context_used(self, messages: list[dict[str, str]]) -> int:
         return len(self.encode(messages)) if self.loaded and messages else 0
 
+    def drop_cache(self) -> None:
+        """Forget the live generator: the next reply prefills its whole prompt."""
+        with self.lock:
+            self._cache = None
+
+    @property
+    def cached_tokens(self) -> list[int]:
+        """The ids the live generator has seen (prompt + reply), for tests and benches."""
+        return list(self._cache.tokens) if self._cache else []
+
+    def _reusable(self, messages, adapter: str, search: tuple, room: int) -> tuple[list[int], int] | None:
+        """Prompt ids (and dropped count) when `messages` extend the cached request on the same adapter and search
+        options and still fit the context with the same oldest turns left out; else None."""
+        cache = self._cache
+        if cache is None or cache.adapter != adapter or cache.search != search:
+            return None
+        if messages[: len(cache.messages)] != cache.messages:
+            return None
+        head = [m for m in messages[:1] if m["role"] == "system"]
+        ids = self.encode(head + messages[len(head) + cache.dropped :])
+        if len(ids) + room > self.context_length:
+            return None
+        return ids, cache.dropped
+
+    def _generator(self, ids: list[int], cache: _Cache | None, adapter: str, search: tuple, stats: ReplyStats):
+        """The generator to continue from, with `ids` appended: the cache's (after a rewind to the longest common
+        prefix) or a new one."""
+        import onnxruntime_genai as og
+
+        if cache is not None:
+            common = 0
+            limit = min(cache.computed, len(ids) - 1)  # at least one new token, for the next logits
+            while common < limit and cache.tokens[common] == ids[common]:
+                common += 1
+            if common < cache.generator.token_count():
+                cache.generator.rewind_to(common)
+            generator = cache.generator
+        else:
+            do_sample, temperature, top_p = search
+            params = og.GeneratorParams(self.model)
+            # the whole context: the generator lives across turns and its max_length cannot grow
+            params.set_search_options(
+                max_length=self.context_length, do_sample=do_sample, temperature=temperature, top_p=top_p
+            )
+            generator = og.Generator(self.model, params)
+            if adapter != BASE:
+                if adapter not in self._loaded_adapters:
+                    raise EngineError(f"adapter '{adapter}' is not loaded")
+                generator.set_active_adapter(self._adapters, adapter)
+            common = 0
+            self.cache_builds += 1
+        generator.append_tokens(ids[common:])
+        stats.prefill_tokens = len(ids) - common
+        self.prefilled_tokens += stats.prefill_tokens
+        return generator
+
     def generate(
         self, messages: list[dict[str, str]], adapter: str, sampling: Sampling, stop: threading.Event | None = None
     ) -> Iterator[str]:
         """Stream the reply's text. The returned generator's StopIteration value is the ReplyStats;
         `stop.set()` ends it before the next token."""
-        import onnxruntime_genai as og
-
         self._require_loaded()
         sampling.check()
         stop = stop or threading.Event()
         with self.lock:
             started = time.perf_counter()  # TTFT counts templating and tokenizing too: the user waits for them
-            ids, dropped = self.fit(messages, room=min(sampling.max_new_tokens, self.context_length // 4))
-            stats = ReplyStats(adapter=adapter, prompt_tokens=len(ids), dropped_messages=dropped)
+            greedy = sampling.temperature == 0
+            search = (not greedy, sampling.temperature if not greedy else 1.0, sampling.top_p)
+            room = min(sampling.max_new_tokens, self.context_length // 4)
+            reuse = self._reusable(messages, adapter, search, room)
+            if reuse is None:
+                # when turns must go, a quarter of the context more goes with them, so the next turns can extend
+                # the rebuilt cache instead of dropping (and rebuilding) again at every turn
+                ids, dropped = self.fit(messages, room, slack=self.context_length // 4)
+            else:
+                ids, dropped = reuse
+            stats = ReplyStats(
+                adapter=adapter, prompt_tokens=len(ids), dropped_messages=dropped, cache_reused=reuse is not None
+            )
+            tokens = list(ids)
+            # only a reply that ends cleanly leaves a cache to extend; a rebuild frees the old buffer first
+            cache, self._cache = (self._cache if reuse is not None else None), None
             try:
-                params = og.GeneratorParams(self.model)
-                greedy = sampling.temperature == 0
-                params.set_search_options(
-                    max_length=min(len(ids) + int(sampling.max_new_tokens), self.context_length),
-                    do_sample=not greedy,
-                    temperature=sampling.temperature if not greedy else 1.0,
-                    top_p=sampling.top_p,
-                )
-                generator = og.Generator(self.model, params)
-                if adapter != BASE:
-                    if adapter not in self._loaded_adapters:
-                        raise EngineError(f"adapter '{adapter}' is not loaded")
-                    generator.set_active_adapter(self._adapters, adapter)
-                generator.append_tokens(ids)
+                generator = self._generator(ids, cache, adapter, search, stats)
+                del cache
                 decoder = self._tokenizer.create_stream()  # drops special tokens, as a reply should
                 first_at = None
-                while not generator.is_done():
+                while True:
+                    if stats.new_tokens >= sampling.max_new_tokens or generator.is_done():
+                        stats.finish = "length"  # max new tokens, or the end of the context
+                        break
                     if stop.is_set():
                         stats.finish = "stopped"
                         break
                     generator.generate_next_token()
                     token = int(generator.get_next_tokens()[0])
+                    tokens.append(token)
                     if first_at is None:
                         first_at = time.perf_counter()
                         stats.ttft_s = first_at - started
@@ -270,12 +360,13 @@ class Engine:
                     piece = decoder.decode(token)
                     if piece:
                         yield piece
-                else:  # ran into max_length without an end-of-turn token
-                    stats.finish = "length"
             except EngineError:
                 raise
             except Exception as exc:
                 raise EngineError(f"generation failed: {one_line(exc)}") from exc
+            if stats.finish != "stopped":  # a stopped reply leaves no cache: the next turn rebuilds it
+                computed = len(tokens) - 1 if len(tokens) > len(ids) else len(tokens)  # the last sampled one: no KV
+                self._cache = _Cache(generator, adapter, search, list(messages), dropped, tokens, computed)
             if first_at is not None and stats.new_tokens > 1:  # decode speed: tokens after the first
                 stats.tokens_per_s = (stats.new_tokens - 1) / max(time.perf_counter() - first_at, 1e-9)
         return stats

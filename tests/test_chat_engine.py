@@ -33,6 +33,27 @@ def engine(chat_model) -> Engine:
     return eng
 
 
+@pytest.fixture(scope="session")
+def sharp_engine(tmp_path_factory) -> Engine:
+    """The tiny model with a wider random init (std 0.3, not 0.02) and a travel adapter. The conftest model's
+    greedy reply is "\n" repeated whatever the context, so it cannot tell a wrong KV cache from a right one; this
+    one's greedy tokens depend on every earlier token."""
+    from olive_lab.base_model import materialize
+    from olive_lab.lora import random_adapter
+    from olive_lab.onnx.export import build_onnx
+    from tests.conftest import tiny_model_params
+
+    root = tmp_path_factory.mktemp("sharp")
+    params = tiny_model_params()
+    params["arch"] = {**params["arch"], "initializer_range": 0.3}
+    materialize(params, root / "base")
+    adapters = {"travel": random_adapter(root / "base", root / "travel", 0)}
+    build_onnx(root / "base", root / "onnx", adapters, precision="int4", block_size=32, execution_provider="cpu")
+    eng = Engine(root / "onnx")
+    eng.load()
+    return eng
+
+
 def model_with_adapters(src: Path, dest: Path, garbage: tuple[str, ...] = (), foreign: tuple[str, ...] = ()) -> Path:
     """A model dir sharing `src`'s model and adapters, plus broken adapters: `garbage` ones are not adapter files,
     `foreign` ones are valid adapter files made for a model twice as wide (they load, then fail on use)."""
@@ -190,3 +211,135 @@ def test_genai_config_ep_and_context(engine, chat_model):
     config = json.loads((chat_model / "model" / "genai_config.json").read_text())
     assert engine.context_length == config["model"]["context_length"]
     assert engine.ep == "cpu"
+
+
+# ---------------------------------------------------------------- the KV cache across turns
+GREEDY = Sampling(temperature=0, top_p=1.0, max_new_tokens=12)
+QUESTIONS = ["Plan a day in Rome.", "And in Paris?", "What should I eat there?", "Thanks. Berlin next?", "And Oslo?"]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def converse(engine: Engine, adapter: str, fresh: bool, system: str = "Be brief.") -> list[tuple[list[int], object]]:
+    """A greedy conversation over QUESTIONS: each turn's (ids the generator saw, stats). `fresh` drops the cache
+    before every turn, so each reply comes from a full prefill of its history."""
+    engine.drop_cache()
+    messages = [{"role": "system", "content": system}]
+    turns = []
+    for question in QUESTIONS:
+        messages.append({"role": "user", "content": question})
+        if fresh:
+            engine.drop_cache()
+        text, stats = collect(engine.generate(messages, adapter, GREEDY))
+        turns.append((engine.cached_tokens, stats))
+        messages.append({"role": "assistant", "content": text})
+    return turns
+
+
+@pytest.mark.parametrize("adapter", [BASE, "travel"])
+def test_cached_turns_give_the_same_greedy_tokens_as_a_fresh_prefill(sharp_engine, adapter):
+    engine = sharp_engine
+    engine.prepare_adapter(adapter)
+    cached = converse(engine, adapter, fresh=False)
+    fresh = converse(engine, adapter, fresh=True)
+    assert len({tuple(ids[-GREEDY.max_new_tokens :]) for ids, _ in fresh}) == len(QUESTIONS)  # replies differ
+    for turn, ((ids, stats), (fresh_ids, fresh_stats)) in enumerate(zip(cached, fresh, strict=True)):
+        assert ids == fresh_ids, f"turn {turn + 1}"
+        assert fresh_stats.prefill_tokens == fresh_stats.prompt_tokens and not fresh_stats.cache_reused
+        if turn:
+            assert stats.cache_reused and stats.prefill_tokens < stats.prompt_tokens, f"turn {turn + 1}"
+
+
+def test_turn_n_prefills_only_the_tokens_after_the_cache(engine):
+    engine.drop_cache()
+    messages = [{"role": "system", "content": "Be brief."}]
+    previous: list[int] = []  # what the generator saw last turn; its last (sampled) token has no KV yet
+    prompt_len = 0
+    for turn, question in enumerate(QUESTIONS):
+        messages.append({"role": "user", "content": question})
+        ids = engine.encode(messages)
+        before = engine.prefilled_tokens
+        text, stats = collect(engine.generate(messages, BASE, GREEDY))
+        expected = len(ids) - common_prefix(ids, previous[:-1])
+        assert stats.prefill_tokens == expected == engine.prefilled_tokens - before, f"turn {turn + 1}"
+        if turn:  # only what the previous prompt did not hold (its reply and the new message), and at most the
+            # one token before: the prompt's last "\n" can merge with a reply that starts with whitespace
+            assert stats.prefill_tokens <= len(ids) - prompt_len + 1
+            assert stats.cache_reused
+        prompt_len = len(ids)
+        previous = engine.cached_tokens
+        messages.append({"role": "assistant", "content": text})
+
+
+def _switch_adapter(engine, messages, state):
+    state["adapter"] = "travel"
+
+
+def _change_system_prompt(engine, messages, state):
+    messages[0] = {"role": "system", "content": "Answer in French."}
+
+
+def _change_sampling(engine, messages, state):
+    state["sampling"] = Sampling(temperature=0.5, top_p=0.9, max_new_tokens=12)
+
+
+def _edit_history(engine, messages, state):
+    messages[1] = {"role": "user", "content": "Plan a day in Milan."}
+
+
+def _stop_a_reply(engine, messages, state):
+    stop = threading.Event()
+    stream = engine.generate(messages, state["adapter"], Sampling(0, 1.0, 50), stop)
+    next(stream)
+    stop.set()
+    text, stats = collect(stream)
+    assert stats.finish == "stopped"
+    messages.append({"role": "assistant", "content": text})
+    messages.append({"role": "user", "content": "Go on."})
+
+
+@pytest.mark.parametrize(
+    "change", [_switch_adapter, _change_system_prompt, _change_sampling, _edit_history, _stop_a_reply]
+)
+def test_what_rebuilds_the_cache(engine, change):
+    engine.prepare_adapter("travel")
+    engine.drop_cache()
+    state = {"adapter": BASE, "sampling": GREEDY}
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUESTIONS[0]}]
+    text, _ = collect(engine.generate(messages, BASE, GREEDY))
+    messages += [{"role": "assistant", "content": text}, {"role": "user", "content": QUESTIONS[1]}]
+    _, kept = collect(engine.generate(messages, BASE, GREEDY))
+    assert kept.cache_reused and kept.prefill_tokens < kept.prompt_tokens  # unchanged: the cache is extended
+    messages.append({"role": "assistant", "content": "Sure."})
+    messages.append({"role": "user", "content": QUESTIONS[2]})
+    change(engine, messages, state)
+    builds = engine.cache_builds
+    _, rebuilt = collect(engine.generate(messages, state["adapter"], state["sampling"]))
+    assert not rebuilt.cache_reused and rebuilt.prefill_tokens == rebuilt.prompt_tokens == len(engine.encode(messages))
+    assert engine.cache_builds == builds + 1
+    assert rebuilt.adapter == state["adapter"]
+
+
+def test_outgrowing_the_context_drops_turns_and_rebuilds_once(engine):
+    engine.drop_cache()
+    long = "word " * 150
+    messages = [{"role": "system", "content": "Be brief."}]
+    drops, reused = [], []
+    for i in range(16):  # ~300 tokens a turn: the 2048-token context overflows after about 6 turns
+        messages.append({"role": "user", "content": f"q{i} {long}"})
+        _, stats = collect(engine.generate(messages, BASE, GREEDY))
+        assert stats.prompt_tokens + GREEDY.max_new_tokens <= engine.context_length
+        drops.append(stats.dropped_messages)
+        reused.append(stats.cache_reused)
+        messages.append({"role": "assistant", "content": f"a{i} {long}"})
+    first = next(i for i, d in enumerate(drops) if d)
+    assert not reused[first]  # the turn that overflows rebuilds the cache...
+    assert reused[first + 1] and drops[first + 1] == drops[first]  # ...and the next one extends the rebuilt cache
+    # the rebuild left a quarter of the context free: a rebuild every few turns, not at every turn
+    rebuilds = [i for i in range(first, len(drops)) if not reused[i]]
+    assert len(rebuilds) <= (len(drops) - first) // 2, (drops, reused)
