@@ -18,7 +18,7 @@ from olive_lab.lm import load_model, load_tokenizer, prompt_text
 from olive_lab.lora import random_adapter
 from olive_lab.onnx.check import OnnxLM, agreement, int4_grid_error
 from olive_lab.onnx.export import build_onnx
-from olive_lab.onnx.lora import RESIDENT_DATA, RESIDENT_INDEX, SWITCH, peft_to_inputs, read_adapter
+from olive_lab.onnx.lora import RESIDENT_DATA, SWITCH, peft_to_inputs, read_adapter
 from tests.helpers import default_params, error_lines, run_stage, write_params
 
 GROUP = 32  # conf/model/tiny.yaml group_size
@@ -218,29 +218,33 @@ def test_adapter_tensors_are_exactly_the_lora_inputs(built, variant):
         assert names == expected
 
 
-def test_resident_adapters_are_in_the_model_and_the_files_hold_an_index(built):
+def test_resident_adapters_are_in_the_model_and_the_files_hold_masks(built):
     import onnx
 
     model_dir = built["resident"] / "model"
     graph = onnx.load(str(model_dir / "model.onnx"), load_external_data=False).graph
-    assert lora_inputs(model_dir) == set() and RESIDENT_INDEX in {i.name for i in graph.input}
+    masks = {i.name for i in graph.input if i.name.startswith("lora_mask.")}
+    assert lora_inputs(model_dir) == set() and masks
     assert (model_dir / RESIDENT_DATA).stat().st_size > 0
-    indices = {task: read_adapter(built["resident"] / "adapters" / f"{task}.onnx_adapter") for task in TASKS}
-    assert [set(v) for v in indices.values()] == [{RESIDENT_INDEX}] * len(TASKS)
-    assert sorted(int(v[RESIDENT_INDEX][0]) for v in indices.values()) == [1, 2]
+    files = {task: read_adapter(built["resident"] / "adapters" / f"{task}.onnx_adapter") for task in TASKS}
+    assert all(set(values) == masks for values in files.values())
+    # each adapter's masks pick its own block: disjoint, non-empty
+    for mask in masks:
+        picks = [files[task][mask] for task in TASKS]
+        assert all(p.sum() > 0 for p in picks) and not (picks[0] * picks[1]).any()
 
 
 def test_resident_layout_computes_what_the_branches_do(built, grid_base):
-    """The stacked, padded weights are the same numbers: with each adapter, and with none, the logits are equal."""
+    """The concatenated, padded weights are the same numbers: with each adapter, and with none, the logits agree."""
     branches, resident = OnnxLM(built["lora"] / "model"), OnnxLM(built["resident"] / "model")
     ids = prompt_ids(grid_base, ROWS[2]["prompt"])
     np.testing.assert_array_equal(resident.logits(ids), branches.logits(ids))
     for task in TASKS:
         weights = read_adapter(built["lora"] / "adapters" / f"{task}.onnx_adapter")
-        index = read_adapter(built["resident"] / "adapters" / f"{task}.onnx_adapter")
-        np.testing.assert_allclose(resident.logits(ids, index), branches.logits(ids, weights), rtol=0, atol=1e-5)
-    other = {RESIDENT_INDEX: np.array([3 - int(index[RESIDENT_INDEX][0])], np.int64)}  # the other task's index
-    assert np.abs(resident.logits(ids, other) - branches.logits(ids, weights)).max() > 1e-2
+        masks = read_adapter(built["resident"] / "adapters" / f"{task}.onnx_adapter")
+        np.testing.assert_allclose(resident.logits(ids, masks), branches.logits(ids, weights), rtol=0, atol=1e-5)
+    other = read_adapter(built["resident"] / "adapters" / f"{TASKS[0]}.onnx_adapter")
+    assert np.abs(resident.logits(ids, other) - branches.logits(ids, weights)).max() > 1e-2  # weights: TASKS[-1]
 
 
 def test_auto_layout_is_resident_on_cuda_only():

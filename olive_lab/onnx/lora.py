@@ -31,7 +31,7 @@ HF_BLOCK = {"attn": "self_attn", "mlp": "mlp"}  # builder block name -> Hugging 
 PEFT_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight$")
 LAYOUTS = ("branches", "switch", "resident")
 SWITCH = "lora_active"  # layout "switch": 0 (default) runs the plain graph, adapters carry 1
-RESIDENT_INDEX = "lora_index"  # layout "resident": which of the model's stacked adapters the branches read, 0: none
+RESIDENT_MASK = "lora_mask.r{}"  # layout "resident": per slot rank, ones on the active adapter's block (none: zeros)
 RESIDENT_DATA = "lora_adapters.onnx.data"  # layout "resident": the stacked adapters, next to model.onnx
 # optimize.lora_layout also takes "auto": "resident" on CUDA, where ORT GenAI 0.18 re-copies a loaded adapter to the
 # device at every step (H200: 2.5x decode with an adapter at 3.8B), "branches" on CPU, where adapters stay files
@@ -214,44 +214,74 @@ def _switch(graph, plain_nodes: list, lora_nodes: list, elem: int) -> list:
 
 def make_resident(model_path: Path, slots: list[LoraSlot], adapters: dict[str, dict[str, np.ndarray]]) -> dict:
     """Layout "resident": move the adapters (peft_to_inputs values, by name) into the model of `model_path` and
-    return what each adapter file then holds: only its index, {RESIDENT_INDEX: [i]}.
+    return what each adapter file then holds: only masks that pick it, {RESIDENT_MASK.format(rank): [n * rank]}.
 
     Why: ORT GenAI 0.18 keeps a loaded adapter in host memory and ORT copies all of it to the GPU at every decoding
     step (about 50 MB at Phi-3.5-mini's size, rank 16). Here the adapters are initializers, so they sit on the device
-    once, and switching one is an 8-byte input. Per slot, the A matrices of all adapters are stacked into one
-    [adapters + 1, in, rank] initializer (index 0 all zeros: the plain model; ranks padded with zeros to the slot's
-    largest, which is exact), likewise B; a Gather per matrix picks the active adapter's, [1, in, rank], which the
-    branch's MatMul broadcasts. (One flat stack cut by a Split was tried first: ORT's CUDA Split with a hundred
-    outputs took 14-35 ms per run.) The cost: adapters are fixed when the model is built (a new one means
-    re-running optimize), and the branches run at full rank with no adapter too.
+    once. Per slot, the adapters' A matrices are concatenated along the rank, [in, n * rank] (each padded with zeros to
+    the slot's largest rank, which is exact), and their B matrices likewise, [n * rank, out]; the branch computes
+    (x @ A_all * mask) @ B_all, and the mask (ones on the active adapter's block, zeros elsewhere and by default) picks
+    one adapter or none. Four small kernels per slot with or without an adapter (two Gathers per slot picking the
+    active matrices cost 35-41 % of decode idle on an H200; a Split cutting one flat stack, 14-35 ms per step).
+    Switching is a few bytes of mask. The cost: adapters are fixed when the model is built (a new one means
+    re-running optimize), and every slot's branch runs, adapter or not.
     """
     import onnx
     from onnx import TensorProto, helper
 
     names = list(adapters)
+    n = len(names)
     model = onnx.load(str(model_path), load_external_data=False)
     graph = model.graph
     elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(slots[0].dtype))
-    nodes, stacks = [], {}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            consumers.setdefault(name, []).append((node, i))
+    stacks, ranks, mask_after = {}, set(), {}
     for slot in slots:
-        rank = max((adapters[n][slot.a].shape[1] for n in names), default=0)
-        for matrix, shape in ((slot.a, (slot.in_features, rank)), (slot.b, (rank, sum(slot.widths)))):
-            stack = np.zeros((len(names) + 1, *shape), slot.dtype)
-            for i, name in enumerate(names, start=1):
-                value = adapters[name][matrix]
-                stack[i, : value.shape[0], : value.shape[1]] = value  # A pads columns, B rows
-            stacks[f"{matrix}.stack"] = stack
-            nodes.append(
-                helper.make_node("Gather", [f"{matrix}.stack", RESIDENT_INDEX], [matrix], name=f"{matrix}/Gather")
-            )
-    lora_names = {n for s in slots for n in (s.a, s.b)}
+        rank = max((adapters[a][slot.a].shape[1] for a in names), default=0)
+        ranks.add(rank)
+        a_all = np.zeros((slot.in_features, n * rank), slot.dtype)
+        b_all = np.zeros((n * rank, sum(slot.widths)), slot.dtype)
+        for i, name in enumerate(names):
+            a, b = adapters[name][slot.a], adapters[name][slot.b]
+            a_all[:, i * rank : i * rank + a.shape[1]] = a
+            b_all[i * rank : i * rank + b.shape[0], :] = b
+        stacks[slot.a], stacks[slot.b] = a_all, b_all
+        # the branch's A MatMul output is multiplied by the mask before the B MatMul reads it
+        ((a_node, _),) = [(c, i) for c, i in consumers[slot.a] if c.op_type == "MatMul"]
+        hidden = a_node.output[0]
+        masked = f"{hidden}/masked"
+        for consumer, i in consumers.get(hidden, []):
+            consumer.input[i] = masked
+        mask_after[a_node.name] = helper.make_node(
+            "Mul", [hidden, RESIDENT_MASK.format(rank)], [masked], name=f"{a_node.name}/Mask"
+        )
+    body = []
+    for node in graph.node:
+        body.append(node)
+        if node.name in mask_after:
+            body.append(mask_after[node.name])
+    graph.ClearField("node")
+    graph.node.extend(body)
+    lora_names = {name for s in slots for name in (s.a, s.b)}
     kept_inputs = [i for i in graph.input if i.name not in lora_names]
     graph.ClearField("input")
-    graph.input.extend([*kept_inputs, helper.make_tensor_value_info(RESIDENT_INDEX, TensorProto.INT64, [1])])
+    masks = [RESIDENT_MASK.format(r) for r in sorted(ranks)]
+    graph.input.extend(
+        [
+            *kept_inputs,
+            *(helper.make_tensor_value_info(m, elem, [n * r]) for m, r in zip(masks, sorted(ranks), strict=True)),
+        ]
+    )
     kept = [t for t in graph.initializer if t.name not in lora_names]
     graph.ClearField("initializer")
     graph.initializer.extend(kept)
-    graph.initializer.append(helper.make_tensor(RESIDENT_INDEX, TensorProto.INT64, [1], [0]))
+    for mask, rank in zip(masks, sorted(ranks), strict=True):  # default: no adapter
+        graph.initializer.append(
+            helper.make_tensor(mask, elem, [n * rank], np.zeros(n * rank, slots[0].dtype).tolist())
+        )
     offset = 0
     with open(Path(model_path).parent / RESIDENT_DATA, "wb") as data:
         for name, stack in stacks.items():
@@ -263,11 +293,16 @@ def make_resident(model_path: Path, slots: list[LoraSlot], adapters: dict[str, d
             data.write(raw)
             offset += len(raw)
             graph.initializer.append(tensor)
-    body = list(graph.node)
-    graph.ClearField("node")
-    graph.node.extend(nodes + body)
     onnx.save(model, str(model_path))
-    return {name: {RESIDENT_INDEX: np.array([i], np.int64)} for i, name in enumerate(names, start=1)}
+    files = {}
+    for i, name in enumerate(names):
+        values = {}
+        for mask, rank in zip(masks, sorted(ranks), strict=True):
+            picked = np.zeros(n * rank, slots[0].dtype)
+            picked[i * rank : (i + 1) * rank] = 1
+            values[mask] = picked
+        files[name] = values
+    return files
 
 
 def _read_peft(adapter_dir: Path) -> tuple[dict, dict[tuple[int, str, str], np.ndarray]]:
