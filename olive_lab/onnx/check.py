@@ -206,3 +206,41 @@ def pooled(parts: dict[str, dict]) -> dict:
         "logit_max_rel": max(p["logit_max_rel"] for p in parts.values()),
         "by_task": {task: {"loss_onnx": p["loss_onnx"], "rows": p["rows"]} for task, p in parts.items()},
     }
+
+
+# What the optimize stage accepts, derived from what a correct export gives and what a wrong one does:
+# - int4 grid: re-quantizing a weight onto any asymmetric 4-bit grid moves it by at most half a step, and a step is at
+#   most 2/15 of the matrix's largest |weight|: so up to 1/15 of it. More means the export changed the weights
+#   themselves. Measured: 0.019 (CPU, 5e-5 of them moved), 0.036 (CUDA, its own grid), 0.057 (a tiny model that was
+#   not on any grid).
+# - argmax agreement: int8 activations (accuracy_level 4) flip the top token where the two best are within ~3 % of the
+#   logits' spread: 97.1-99.9 % agreement on every real run (SmolLM2 on CPU, Phi-3.5's shape on CUDA), >= 95 % on the
+#   tiny test models. A wrong export falls far below: ONNX int4 against an unquantized torch model gives 75-83 % with
+#   adapters, and an adapter lost in export answers like the base (trip_json's loss 1.78 instead of 0.04).
+# - loss: ONNX within 5 % of torch's loss (+0.01 nats, for near-zero losses whose ratio says little). Measured: 0.14 %
+#   (CPU), 0.01 % (CUDA), 2 % on tiny random models; an adapter lost in export costs 25 % (travel) to 48x (trip_json).
+MAX_GRID_REL = 1 / 15
+MIN_ARGMAX_AGREEMENT = 0.90
+MAX_LOSS_REL, MAX_LOSS_ABS = 0.05, 0.01
+
+
+def require_agreement(checks: dict, where: Path | str) -> None:
+    """Stop (one line naming the metric, its value and the bound) when the export does not compute what torch does."""
+    grid = checks.get("int4_grid_error")
+    if grid and grid["max_rel"] > MAX_GRID_REL:
+        raise StageError(
+            f"{where}: int4_grid_error.max_rel {grid['max_rel']:.4f} is over {MAX_GRID_REL:.4f} (1/15): the exported "
+            "weights are not the quantized model's; the model was removed"
+        )
+    for variant, m in checks.get("agreement", {}).items():
+        if m["argmax_agreement"] < MIN_ARGMAX_AGREEMENT:
+            raise StageError(
+                f"{where}: agreement.{variant}.argmax_agreement {m['argmax_agreement']:.4f} is under "
+                f"{MIN_ARGMAX_AGREEMENT}: ONNX does not predict what torch does; the model was removed"
+            )
+        bound = MAX_LOSS_REL * m["loss_torch"] + MAX_LOSS_ABS
+        if abs(m["loss_onnx"] - m["loss_torch"]) > bound:
+            raise StageError(
+                f"{where}: agreement.{variant}.loss_onnx {m['loss_onnx']:.4f} is more than {bound:.4f} from torch's "
+                f"{m['loss_torch']:.4f} (5 % + 0.01): ONNX does not compute what torch does; the model was removed"
+            )

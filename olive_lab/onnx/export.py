@@ -246,7 +246,7 @@ def check_export(out: Path, hf_dir: Path, adapters: dict[str, Path], rows: dict[
     """The built model against its source: ORT GenAI's tokenizer vs transformers' (a mismatch stops here), the
     int4 weights vs the quantize stage's grid, and ONNX vs torch logits on every row (with each adapter)."""
     from olive_lab.lm import load_tokenizer, prompt_text
-    from olive_lab.onnx.check import int4_grid_error
+    from olive_lab.onnx.check import int4_grid_error, require_agreement
     from olive_lab.tokenizer import MULTILINGUAL_SAMPLE, roundtrip_mismatches
 
     tok = load_tokenizer(hf_dir)
@@ -269,4 +269,5 @@ def check_export(out: Path, hf_dir: Path, adapters: dict[str, Path], rows: dict[
         checks["int4_grid_error"] = int4_grid_error(out / "model" / "model.onnx", hf_dir)
         log.info("int4 weights vs %s: %s", hf_dir, checks["int4_grid_error"])
     checks["agreement"] = torch_agreement(out, hf_dir, adapters, rows, max_len, device)
+    require_agreement(checks, out)  # thresholds and why: olive_lab/onnx/check.py
     return checks
