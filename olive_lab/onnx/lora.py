@@ -222,7 +222,7 @@ def make_resident(model_path: Path, slots: list[LoraSlot], adapters: dict[str, d
     the slot's largest rank, which is exact), and their B matrices likewise, [n * rank, out]; the branch computes
     (x @ A_all * mask) @ B_all, and the mask (ones on the active adapter's block, zeros elsewhere and by default) picks
     one adapter or none. Four small kernels per slot with or without an adapter (two Gathers per slot picking the
-    active matrices cost 35-41 % of decode idle on an H200; a Split cutting one flat stack, 14-35 ms per step).
+    active matrices were 2-8 % slower on an H200; a Split cutting one flat stack took 14-35 ms per step).
     Switching is a few bytes of mask. The cost: adapters are fixed when the model is built (a new one means
     re-running optimize), and every slot's branch runs, adapter or not.
     """
