@@ -1,8 +1,8 @@
 """The chat app: conversation, prompt, adapter selector, status bar; the model runs in thread workers.
 
 Threads: the model loads and generates in Textual thread workers (the engine's lock allows one at a time).
-Workers never touch widgets: they push text into a deque and post messages; a 20 Hz timer moves the text
-into the reply's MarkdownStream, so the screen never slows the model.
+Workers never touch widgets: they push text into a deque and post messages; a timer moves the text onto the
+screen FLUSH_HZ times a second, as plain text until the reply is done (see chat/widgets/messages.py for why).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.message import Message
 from textual.widgets import Footer, Label, Select
-from textual.widgets.markdown import MarkdownStream
 
 from chat.commands import ChatCommands
 from chat.engine import BASE, Engine, EngineError, ReplyStats, one_line
@@ -34,7 +33,7 @@ from chat.widgets.messages import AssistantMessage, ErrorRow, UserMessage
 from chat.widgets.prompt import PromptInput
 from chat.widgets.status import StatusBar
 
-FLUSH_HZ = 20
+FLUSH_HZ = 10
 
 
 class ModelLoaded(Message):
@@ -65,7 +64,6 @@ class ReplyDone(Message):
 class ActiveReply:
     id: int
     widget: AssistantMessage
-    stream: MarkdownStream
     prompt_text: str
     stop: threading.Event = field(default_factory=threading.Event)
     pending: deque[str] = field(default_factory=deque)  # filled by the worker thread, drained by the UI
@@ -243,11 +241,11 @@ class ChatApp(App):
         self.history.append(user)
         self.store.add(self.conversation_id, user)
         log = self.query_one("#conversation", VerticalScroll)
-        widget = AssistantMessage(self.adapter)
+        widget = AssistantMessage(self.adapter, streaming=True)
         await log.mount_all([UserMessage(text), widget])
         log.anchor()
         self._reply_ids += 1
-        self.reply = ActiveReply(self._reply_ids, widget, widget.get_stream(), text)
+        self.reply = ActiveReply(self._reply_ids, widget, text)
         self.query_one(StatusBar).state = "generating…"
         self.refresh_bindings()
         sampling = replace(self.settings.sampling)  # a copy: the worker must not read app state later
@@ -267,30 +265,27 @@ class ChatApp(App):
         except Exception as exc:  # noqa: BLE001
             self.post_message(ReplyDone(reply.id, None, f"generation failed: {type(exc).__name__}: {one_line(exc)}"))
 
-    async def _flush_reply(self) -> None:
+    def _flush_reply(self) -> None:
         reply = self.reply
         if reply is None or not reply.pending:
             return
-        chunk = "".join(reply.pending.popleft() for _ in range(len(reply.pending)))
-        reply.widget.text += chunk
-        await reply.stream.write(chunk)
+        reply.widget.append("".join(reply.pending.popleft() for _ in range(len(reply.pending))))
 
     async def on_reply_done(self, message: ReplyDone) -> None:
         reply = self.reply
         if reply is None or reply.id != message.reply_id:
             return
-        await self._flush_reply()
-        await reply.stream.stop()
+        self._flush_reply()
+        # the reply stays active while its text becomes Markdown: a new conversation must not remove it meanwhile
+        await reply.widget.finish("error" if message.error else message.stats.finish, message.error)
         self.reply = None
         self.refresh_bindings()
         status = self.query_one(StatusBar)
         status.state = "ready"
         if message.error:
-            reply.widget.finish("error", message.error)
             self.notify(message.error, severity="error", markup=False)
             return
         stats = message.stats
-        reply.widget.finish(stats.finish)
         saved = Stored("assistant", reply.widget.text, stats.adapter, stats.finish)
         self.history.append(saved)
         self.store.add(self.conversation_id, saved)

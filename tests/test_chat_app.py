@@ -337,15 +337,33 @@ async def test_generation_error_is_a_line_on_the_reply_and_the_chat_goes_on(make
         assert reply.text and app.last_stats.dropped_messages == 1
 
 
+def slowed(generate, seconds_per_piece: float = 0.003):
+    """engine.generate streaming at most ~300 pieces a second, so a reply of the tiny model lasts long enough to
+    act on while it streams, however fast the host and the UI are."""
+
+    def stream(*args, **kwargs):
+        pieces = generate(*args, **kwargs)
+        while True:
+            try:
+                piece = next(pieces)
+            except StopIteration as done:
+                return done.value  # the ReplyStats
+            time.sleep(seconds_per_piece)
+            yield piece
+
+    return stream
+
+
 async def test_switching_the_adapter_while_a_reply_streams_applies_to_the_next_reply(make_app):
     """The streaming reply keeps the adapter it started with (label, saved row, tokens); the new one loads once the
     reply lets go of the engine and writes the next reply."""
     from chat.engine import collect
 
     app = make_app(max_new_tokens=2000)
-    app.settings.sampling.temperature = 0  # greedy: comparable with a fresh base reply, and long enough to switch
+    app.settings.sampling.temperature = 0  # greedy: comparable with a fresh base reply
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot)
+        app.engine.generate = slowed(app.engine.generate)  # the tiny model writes 2000 tokens in about a second
         press_enter_now(app, "Tell me everything about Lisbon")
         await until(pilot, lambda: app.reply is not None and app.reply.widget.text, "the first text on screen")
         messages = app.chat_messages()  # what the reply was asked with
@@ -362,6 +380,7 @@ async def test_switching_the_adapter_while_a_reply_streams_applies_to_the_next_r
         assert labels(app) == ["assistant · base"] and app.last_stats.adapter == "base"
         assert [m.adapter for m in app.store.messages(app.conversation_id)] == [None, "base"]
         assert app.adapter == "travel" and app.query_one(StatusBar).adapter == "travel"
+        del app.engine.generate  # the engine's own method again
         # every streamed token was the base model's: a fresh greedy base reply starts with the same text
         text, _ = collect(app.engine.generate(messages, "base", Sampling(0, 1.0, app.last_stats.new_tokens)))
         assert text == stopped.text
