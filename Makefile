@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # dvc.yaml's stage commands call `python`: make it the venv's for every target (repro, push, pull, ...)
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: help setup lock params deps repro chat test test-fast lint format clean bench-chat bench-lora bench-setup bench-cpu \
+.PHONY: help setup lock params deps repro chat test test-fast lint format clean bench-chat bench-chat-speed bench-lora bench-setup bench-cpu \
         remote-up remote-down push pull wheelhouse gpu-tokenizer cloud
 
 help:  ## list the targets
@@ -84,6 +84,9 @@ cloud:  ## submit cloud.stages as an Azure ML command job (DRY_RUN=1: only write
 
 bench-chat:  ## chat startup to a usable prompt (goal <= 2 s), tiny model
 	$(BIN)/python -m bench.chat_startup --tiny
+
+bench-chat-speed:  ## chat app vs engine alone (tok/s), TTFT by turn with the KV cache, adapter switch cost (models/onnx)
+	$(BIN)/python -m bench.chat_speed
 
 bench-lora:  ## decode tok/s: plain int4 vs multi-LoRA model with no / one adapter (needs models/quantized, adapters)
 	$(BIN)/python -m bench.decode_lora

@@ -174,6 +174,8 @@ class Engine:
             eos = self.genai_config.get("model", {}).get("eos_token_id", [])
             self._stop_ids = set(eos if isinstance(eos, list) else [eos])
             self.model = model
+            self._cache = None  # a reload: the old model's generator and adapters go with it
+            self._loaded_adapters = set()
         self.load_s = time.perf_counter() - start
         return self.load_s
 

@@ -343,3 +343,18 @@ def test_outgrowing_the_context_drops_turns_and_rebuilds_once(engine):
     # the rebuild left a quarter of the context free: a rebuild every few turns, not at every turn
     rebuilds = [i for i in range(first, len(drops)) if not reused[i]]
     assert len(rebuilds) <= (len(drops) - first) // 2, (drops, reused)
+
+
+def test_a_reload_forgets_the_cache_and_the_loaded_adapters(chat_model):
+    """The chat app loads the engine it is given (a bench shares one engine between app sessions): after a reload the
+    old model's generator and adapters must not be used."""
+    eng = Engine(chat_model)
+    eng.load()
+    eng.prepare_adapter("travel")
+    collect(eng.generate(MESSAGES, "travel", GREEDY))
+    assert eng.cached_tokens
+    eng.load()
+    assert not eng.cached_tokens
+    eng.prepare_adapter("travel")
+    _, stats = collect(eng.generate(MESSAGES, "travel", GREEDY))
+    assert stats.adapter == "travel" and stats.new_tokens >= 1 and not stats.cache_reused
