@@ -15,8 +15,9 @@ The KV cache lives across turns: one ORT GenAI generator, created with the model
 reply. When the next request uses the same adapter and search options and its messages extend the previous ones,
 only the tokens after the longest common prefix are appended (`rewind_to` first: the last generated token has no
 KV yet, and a reply's text may re-tokenize differently from the tokens that were sampled). Anything else (another
-adapter, a system-prompt or sampling change, an edited or other conversation, a stopped or failed reply, the
-history outgrowing the context) starts a new generator and prefills the whole prompt once. One cache, not one per
+adapter, a system-prompt, temperature or top_p change, an edited or other conversation, a stopped or failed reply,
+the history outgrowing the context) starts a new generator and prefills the whole prompt once. max_new_tokens is
+counted here, per reply, and changes nothing in the generator. One cache, not one per
 adapter: the buffer is allocated and zero-filled for the whole context (about 360 MB for SmolLM2-135M's 8192
 tokens in fp32), so a switch costs one prefill of the history instead.
 """
