@@ -20,6 +20,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.message import Message
 from textual.widgets import Footer, Label, Select
+from textual.widgets._footer import FooterKey
 
 from chat.commands import ChatCommands
 from chat.engine import BASE, Engine, EngineError, ReplyStats, one_line
@@ -247,7 +248,7 @@ class ChatApp(App):
         self._reply_ids += 1
         self.reply = ActiveReply(self._reply_ids, widget, text)
         self.query_one(StatusBar).state = "generating…"
-        self.refresh_bindings()
+        self._show_stop_key()
         sampling = replace(self.settings.sampling)  # a copy: the worker must not read app state later
         work = partial(self._generate, self.chat_messages(), self.adapter, sampling, self.reply)
         self.run_worker(work, thread=True, group="reply", exit_on_error=False)
@@ -279,7 +280,7 @@ class ChatApp(App):
         # the reply stays active while its text becomes Markdown: a new conversation must not remove it meanwhile
         await reply.widget.finish("error" if message.error else message.stats.finish, message.error)
         self.reply = None
-        self.refresh_bindings()
+        self._show_stop_key()
         status = self.query_one(StatusBar)
         status.state = "ready"
         if message.error:
@@ -299,6 +300,16 @@ class ChatApp(App):
         if self.reply is not None:
             self.reply.stop.set()  # a thread worker cannot be cancelled: end the reply so the app can exit
         self.exit()
+
+    def _show_stop_key(self) -> None:
+        """The footer's Esc key, dimmed unless a reply streams (check_action decides what a key press does). Not
+        refresh_bindings(): that recomposes the whole footer, about 70 % of the UI thread's work when a reply starts,
+        while ORT prefills on the same 2 cores (issue #23)."""
+        idle = self.reply is None
+        for key in self.query_one(Footer).query(FooterKey):
+            if key.action == "stop":
+                key._disabled = idle  # what a click on it does: Textual's own flag, set the same way on recompose
+                key.set_class(idle, "-disabled")
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "stop":

@@ -71,6 +71,12 @@ def press_enter_now(app: ChatApp, text: str) -> None:
     prompt.post_message(events.Key("enter", None))
 
 
+def stop_key(app: ChatApp):
+    from textual.widgets._footer import FooterKey
+
+    return next(key for key in app.query(FooterKey) if key.action == "stop")
+
+
 def labels(app: ChatApp) -> list[str]:
     return [str(w.query_one(".who").render()) for w in app.query(AssistantMessage)]
 
@@ -131,8 +137,10 @@ async def test_escape_stops_mid_stream_and_keeps_the_partial_reply(make_app):
         await until(pilot, lambda: app._reply_ids == 1, "the reply to start")
         await until(pilot, lambda: app.reply is None or app.reply.widget.text, "the first text on screen")
         assert app.reply is not None, "the reply ended before Esc could stop it"
+        assert not stop_key(app).has_class("-disabled")  # the footer shows Esc as usable while a reply streams
         await pilot.press("escape")
         await settle(pilot)
+        assert stop_key(app).has_class("-disabled")
         stats = app.last_stats
         assert stats.finish == "stopped" and stats.new_tokens < 1900
         reply = app.query(AssistantMessage).last()
