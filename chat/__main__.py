@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from chat.engine import BASE, Engine, EngineError
+from chat.engine import BASE, MAX_CONTEXT, Engine, EngineError
 from chat.settings import from_params
 from chat.store import DB_ENV, Store, StoreError, default_db_path
 
@@ -23,6 +23,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--params", default="params.yaml", help="params file with the chat section")
     parser.add_argument("--resume", metavar="ID|last", help="reopen a saved conversation (ids: the F3 list)")
     parser.add_argument("--export-dir", default=".", help="where Markdown exports go (default: here)")
+    parser.add_argument(
+        "--max-context",
+        type=int,
+        default=MAX_CONTEXT,
+        metavar="TOKENS",
+        help=f"longest history kept, when the model allows more (default: {MAX_CONTEXT}; its KV cache is allocated whole)",
+    )
     return parser.parse_args(argv)
 
 
@@ -37,7 +44,9 @@ def build_app(args: argparse.Namespace):
         raise EngineError(str(exc)) from exc
     if args.model:
         settings.model_dir = Path(args.model)
-    engine = Engine(settings.model_dir)  # ModelMissing names the command that builds it
+    if args.max_context < 16:
+        raise EngineError(f"--max-context: expected at least 16 tokens, not {args.max_context}")
+    engine = Engine(settings.model_dir, args.max_context)  # ModelMissing names the command that builds it
     if args.adapter not in engine.adapter_names:
         found = ", ".join(engine.adapter_names)
         raise EngineError(f"adapter '{args.adapter}' not found in {settings.model_dir / 'adapters'} (have: {found})")

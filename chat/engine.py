@@ -34,6 +34,10 @@ from pathlib import Path
 
 BASE = "base"  # the selector's name for "no adapter"
 ADAPTER_SUFFIX = ".onnx_adapter"
+# The longest history a chat keeps, in tokens, when the model allows more: the KV cache kept across turns is
+# allocated for its whole length at once (SmolLM2-135M: 8192, about 360 MB in fp32; Phi-3.5-mini's 131072 would
+# need about 48 GB in fp16). Engine(max_context=...) changes it.
+MAX_CONTEXT = 8192
 BUILD_HINT = "build it with `dvc repro optimize` or fetch it with `dvc pull optimize`"
 # C0 control characters other than tab and newlines: a byte-level vocabulary may have no token for them (ORT GenAI
 # encodes those to -1, an id the model cannot take), and no chat message needs them.
@@ -123,7 +127,7 @@ def execution_provider(genai_config: dict) -> str:
 class Engine:
     """One model, its adapters, one reply at a time (the lock); safe to drive from a worker thread."""
 
-    def __init__(self, model_dir: Path | str):
+    def __init__(self, model_dir: Path | str, max_context: int = MAX_CONTEXT):
         self.model_dir = Path(model_dir)
         self.model_path = model_files(self.model_dir)
         self.adapter_files = find_adapters(self.model_dir)
@@ -132,7 +136,9 @@ class Engine:
         except (OSError, json.JSONDecodeError) as exc:
             raise EngineError(f"{self.model_path / 'genai_config.json'}: not readable JSON ({one_line(exc)})") from exc
         model_cfg = self.genai_config.get("model", {})
-        self.context_length = int(model_cfg.get("context_length") or self.genai_config["search"]["max_length"])
+        self.model_context_length = int(model_cfg.get("context_length") or self.genai_config["search"]["max_length"])
+        # the chat's context: the live generator's buffer is allocated for all of it at once
+        self.context_length = min(self.model_context_length, int(max_context))
         self.ep = execution_provider(self.genai_config)
         self.lock = threading.Lock()
         self.model = None

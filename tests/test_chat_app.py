@@ -221,6 +221,24 @@ def test_unknown_adapter_is_one_line_before_any_ui(tiny_onnx, tmp_path):
     )
 
 
+def test_max_context_from_the_command_line(tiny_onnx, tmp_path):
+    from chat.__main__ import build_app, parse_args
+
+    base = ["--model", str(tiny_onnx), "--db", str(tmp_path / "db"), "--export-dir", str(tmp_path)]
+    app = build_app(parse_args([*base, "--max-context", "512"]))
+    assert app.engine.context_length == 512 and app.engine.model_context_length == 2048
+    app.store.close()
+    out = subprocess.run(
+        [sys.executable, "-m", "chat", *base, "--max-context", "4"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.strip() == "chat: error: --max-context: expected at least 16 tokens, not 4"
+
+
 async def test_enter_sends_and_ctrl_j_adds_a_line(make_app):
     app = make_app(max_new_tokens=4)
     async with app.run_test(size=SIZE) as pilot:

@@ -358,3 +358,18 @@ def test_a_reload_forgets_the_cache_and_the_loaded_adapters(chat_model):
     eng.prepare_adapter("travel")
     _, stats = collect(eng.generate(MESSAGES, "travel", GREEDY))
     assert stats.adapter == "travel" and stats.new_tokens >= 1 and not stats.cache_reused
+
+
+def test_max_context_caps_the_history_and_the_cache(chat_model):
+    """A long-context model (Phi-3.5-mini: 131072 tokens) must not allocate its whole context for the cache: the
+    engine's context is capped, and history beyond it drops as with any context."""
+    eng = Engine(chat_model, max_context=256)
+    assert eng.model_context_length == 2048 and eng.context_length == 256
+    eng.load()
+    long = "word " * 60
+    messages = [{"role": "system", "content": "Be brief."}]
+    for i in range(4):
+        messages += [{"role": "user", "content": f"q{i} {long}"}, {"role": "assistant", "content": f"a{i} {long}"}]
+    messages.append({"role": "user", "content": "last question"})
+    _, stats = collect(eng.generate(messages, BASE, GREEDY))
+    assert stats.dropped_messages > 0 and stats.prompt_tokens + GREEDY.max_new_tokens <= 256
