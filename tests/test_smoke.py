@@ -43,13 +43,41 @@ def test_adapters_learn_their_task(smoke_repo):
         assert m["adapter_eval_loss"] < m["base_eval_loss"], m
 
 
+def test_awq_beats_round_to_nearest(smoke_repo):
+    """AWQ's point: a lower loss than plain RTN int4 on the same grid, overall and on every task."""
+    q = metrics(smoke_repo, "quantize.json")
+    assert q["awq_ppl"] < q["rtn_ppl"], q
+    for task, loss in q["task_eval_loss"]["awq"].items():
+        assert loss < q["task_eval_loss"]["rtn"][task], (task, q["task_eval_loss"])
+
+
 def test_onnx_model_serves_every_adapter_and_agrees_with_torch(smoke_repo):
+    """The bounds optimize enforces (olive_lab/onnx/check.py), and the margins the real model keeps from them."""
+    from olive_lab.onnx.check import MAX_GRID_REL, MAX_LOSS_ABS, MAX_LOSS_REL, MIN_ARGMAX_AGREEMENT
+
     opt = metrics(smoke_repo, "optimize.json")
     for task in ("travel", "trip_json"):
         assert (smoke_repo / f"models/onnx/adapters/{task}.onnx_adapter").exists()
-        assert opt["agreement"][task]["argmax_agreement"] >= 0.95, opt["agreement"][task]
-    assert opt["agreement"]["base"]["argmax_agreement"] >= 0.95, opt["agreement"]["base"]
-    assert opt["int4_grid_error"]["moved_share"] < 1e-3, opt["int4_grid_error"]
+    assert set(opt["agreement"]) == {"base", "travel", "trip_json"}
+    for variant, m in opt["agreement"].items():
+        assert m["argmax_agreement"] >= max(MIN_ARGMAX_AGREEMENT, 0.95), (variant, m)
+        assert abs(m["loss_onnx"] - m["loss_torch"]) <= MAX_LOSS_REL * m["loss_torch"] + MAX_LOSS_ABS, (variant, m)
+        assert abs(m["loss_ratio"] - 1) <= 0.01 or abs(m["loss_diff"]) <= MAX_LOSS_ABS, (variant, m)
+    assert opt["int4_grid_error"]["max_rel"] <= MAX_GRID_REL, opt["int4_grid_error"]
+    assert opt["int4_grid_error"]["moved_share"] < 1e-3, opt["int4_grid_error"]  # CPU: the AWQ grid itself
+
+
+def test_onnx_trip_json_adapter_answers_in_json(smoke_repo):
+    """Greedy answers of the ONNX model with the trip_json adapter (evaluate, through ORT GenAI) are valid trip JSON;
+    without the adapter they are not."""
+    ev = metrics(smoke_repo, "eval.json")
+    tuned, base = ev["onnx+trip_json"], ev["onnx"]
+    assert tuned["json_valid"] >= 0.75, tuned
+    assert tuned["json_valid"] > base["json_valid"] and tuned["field_accuracy"] > base["field_accuracy"], (tuned, base)
+    assert abs(tuned["json_valid"] - ev["awq+trip_json"]["json_valid"]) <= 0.25, ev  # ONNX answers like torch
+
+
+def test_onnx_speed_is_measured(smoke_repo):
     perf = metrics(smoke_repo, "perf/evaluate.json")
     for name in ("onnx", "onnx+travel", "onnx+trip_json"):
         assert perf[name]["decode_tok_s"] > 0 and perf[name]["ttft_ms"] > 0, perf[name]
