@@ -49,8 +49,8 @@ params:  ## compose conf/ into params.yaml (what `dvc exp run` does)
 deps:  ## rewrite dvc.yaml's code deps from what each stage imports (tests/test_dvc_graph.py checks them)
 	$(BIN)/python -m tools.code_deps --write
 
-repro:  ## run the whole pipeline
-	$(BIN)/dvc repro
+repro:  ## run the whole pipeline (exits 130 after Ctrl+C, 143 after SIGTERM: tools/repro.py)
+	$(BIN)/python -m tools.repro
 
 chat:  ## open the terminal chat on the ONNX model
 	$(BIN)/python -m chat

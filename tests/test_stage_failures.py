@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -210,3 +211,33 @@ def test_dvc_repro_interrupted_mid_stage(repo, sig, target):
     assert cache_files(repo) == cached, "nothing of the interrupted run reached the cache"
     assert status(repo) == {"write": [{"changed outs": {"out": "deleted", "metrics.json": "deleted"}}]}
     recovers(repo, first_out)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("repo", ["exec"], indirect=True)
+def test_make_repro_exits_with_the_interrupts_status(repo, sig, code):
+    """`make repro` (tools/repro.py): Ctrl+C to the foreground group ends it with 130, SIGTERM with 143, and the
+    interrupted stage leaves nothing half-written; plain `dvc repro` exits 255 after Ctrl+C (test above)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tools.repro", "-f"],
+        cwd=repo,
+        env={**stage_env("wait"), "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (repo / "writing").exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the stage did not start writing"
+            time.sleep(0.1)
+        time.sleep(0.5)
+        os.killpg(proc.pid, sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == code, err
+    assert not leftovers(repo)
