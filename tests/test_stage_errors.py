@@ -189,7 +189,7 @@ BAD = [
     (
         "optimize",
         {"optimize__lora_layout": "fancy"},
-        "params.yaml: optimize.lora_layout must be one of branches, switch",
+        "params.yaml: optimize.lora_layout must be one of auto, branches, switch, resident",
     ),
     (
         "optimize",

@@ -87,6 +87,12 @@ def repo(request, tmp_path) -> Path:
     return tmp_path
 
 
+def default_sigint() -> None:
+    """A shell starts background jobs with SIGINT ignored, and Python then never raises KeyboardInterrupt: give the
+    child the default handling a terminal's foreground job has."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def stage_env(fault: str = "none") -> dict[str, str]:
     return {**env(), "PYTHONPATH": str(ROOT), "FAULT": fault}
 
@@ -162,6 +168,7 @@ def test_dvc_repro_interrupted_mid_stage(repo, sig, target):
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # its own process group, as a terminal's foreground job has
+        preexec_fn=default_sigint,  # as in a terminal, even when pytest itself runs in the background (SIG_IGN)
     )
     try:
         deadline = time.monotonic() + 120
@@ -226,6 +233,7 @@ def test_make_repro_exits_with_the_interrupts_status(repo, sig, code):
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=default_sigint,
     )
     try:
         deadline = time.monotonic() + 120
