@@ -49,18 +49,23 @@ def median(values: list[float]) -> float:
     return round(statistics.median(values), 3)
 
 
-def engine_reply(engine, messages, adapter: str, new_tokens: int) -> dict:
-    from chat.engine import Sampling, collect
-
-    start = time.perf_counter()
-    _, stats = collect(engine.generate(messages, adapter, Sampling(0.0, 1.0, new_tokens)))
+def reply_row(stats, wall_s: float) -> dict:
+    """One reply's measurements: the engine's own counts (what the status bar shows) and the wall time."""
     return {
-        "wall_s": time.perf_counter() - start,
+        "wall_s": wall_s,
         "tok_s": stats.tokens_per_s,
         "ttft_s": stats.ttft_s,
         "new_tokens": stats.new_tokens,
         "prefill_tokens": stats.prefill_tokens,
     }
+
+
+def engine_reply(engine, messages, adapter: str, new_tokens: int) -> dict:
+    from chat.engine import Sampling, collect
+
+    start = time.perf_counter()
+    _, stats = collect(engine.generate(messages, adapter, Sampling(0.0, 1.0, new_tokens)))
+    return reply_row(stats, time.perf_counter() - start)
 
 
 async def app_reply(app, pilot, text: str, new_tokens: int, fresh: bool) -> dict:
@@ -82,13 +87,7 @@ async def app_reply(app, pilot, text: str, new_tokens: int, fresh: bool) -> dict
     stats = app.last_stats
     if stats is None or app._reply_ids == started:
         raise RuntimeError("the app showed no reply (see its notifications)")
-    return {
-        "wall_s": time.perf_counter() - t0,
-        "tok_s": stats.tokens_per_s,
-        "ttft_s": stats.ttft_s,
-        "new_tokens": stats.new_tokens,
-        "prefill_tokens": stats.prefill_tokens,
-    }
+    return reply_row(stats, time.perf_counter() - t0)
 
 
 async def app_session(engine, lengths: dict[str, int], turn_tokens: int, tmp: Path) -> dict:

@@ -93,6 +93,28 @@ def default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def started_writing(cmd: list[str], repo: Path, environ: dict[str, str]) -> subprocess.Popen:
+    """`cmd` in its own process group, as a terminal's foreground job (default SIGINT handling included), returned
+    once its stage has started writing."""
+    proc = subprocess.Popen(
+        cmd,
+        cwd=repo,
+        env=environ,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=default_sigint,  # even when pytest itself runs in the background (SIGINT ignored)
+    )
+    deadline = time.monotonic() + 120
+    while not (repo / "writing").exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+            raise AssertionError(f"the stage did not start writing: {proc.communicate()}")
+        time.sleep(0.1)
+    return proc
+
+
 def stage_env(fault: str = "none") -> dict[str, str]:
     return {**env(), "PYTHONPATH": str(ROOT), "FAULT": fault}
 
@@ -160,22 +182,8 @@ def test_a_stage_failing_after_it_started_writing(repo):
 )
 def test_dvc_repro_interrupted_mid_stage(repo, sig, target):
     first_out, cached = contents(repo / "out"), cache_files(repo)
-    proc = subprocess.Popen(
-        ["dvc", "repro", "-f"],
-        cwd=repo,
-        env=stage_env("wait"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group, as a terminal's foreground job has
-        preexec_fn=default_sigint,  # as in a terminal, even when pytest itself runs in the background (SIG_IGN)
-    )
+    proc = started_writing(["dvc", "repro", "-f"], repo, stage_env("wait"))
     try:
-        deadline = time.monotonic() + 120
-        while not (repo / "writing").exists():
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the stage did not start writing"
-            time.sleep(0.1)
         stage_pid = int((repo / "stage.pid").read_text())
         time.sleep(0.5)  # a few more parts written
         os.killpg(proc.pid, sig) if target == "group" else os.kill(proc.pid, sig)
@@ -225,22 +233,8 @@ def test_dvc_repro_interrupted_mid_stage(repo, sig, target):
 def test_make_repro_exits_with_the_interrupts_status(repo, sig, code):
     """`make repro` (tools/repro.py): Ctrl+C to the foreground group ends it with 130, SIGTERM with 143, and the
     interrupted stage leaves nothing half-written; plain `dvc repro` exits 255 after Ctrl+C (test above)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tools.repro", "-f"],
-        cwd=repo,
-        env={**stage_env("wait"), "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        preexec_fn=default_sigint,
-    )
+    proc = started_writing([sys.executable, "-m", "tools.repro", "-f"], repo, stage_env("wait"))
     try:
-        deadline = time.monotonic() + 120
-        while not (repo / "writing").exists():
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the stage did not start writing"
-            time.sleep(0.1)
         time.sleep(0.5)
         os.killpg(proc.pid, sig)
         _, err = proc.communicate(timeout=120)
