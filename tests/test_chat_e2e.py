@@ -37,12 +37,18 @@ class Tmux:
     def screen(self) -> str:
         return self("capture-pane", "-p", "-t", "chat")
 
+    def dead(self) -> bool:
+        """The app's process has exited (the pane stays, with what it printed last: remain-on-exit)."""
+        return self("display-message", "-p", "-t", "chat", "#{pane_dead}").strip() == "1"
+
     def wait_for(self, what: str, done: Callable[[str], bool]) -> str:
         deadline = time.monotonic() + DEADLINE_S
         while time.monotonic() < deadline:
             screen = self.screen()
             if done(screen):
                 return screen
+            if self.dead():
+                pytest.fail(f"the app exited while waiting for {what}; the terminal shows:\n{self.screen()}")
             time.sleep(0.2)
         pytest.fail(f"timed out waiting for {what}; the screen was:\n{self.screen()}")
 
@@ -55,7 +61,26 @@ def test_chat_command_in_a_terminal(tiny_onnx, tmp_path):
     command = f"{sys.executable} -m chat --model {tiny_onnx} --db {db}; echo $? > {rc_file}"
     tmux = Tmux("chat-e2e")
     try:
-        tmux("new-session", "-d", "-x", "120", "-y", "40", "-s", "chat", "-c", str(ROOT), command)
+        # remain-on-exit, set in the same tmux command: if the app dies, its last words stay on the screen
+        tmux(
+            "new-session",
+            "-d",
+            "-x",
+            "120",
+            "-y",
+            "40",
+            "-s",
+            "chat",
+            "-c",
+            str(ROOT),
+            command,
+            ";",
+            "set-option",
+            "-t",
+            "chat",
+            "remain-on-exit",
+            "on",
+        )
         tmux.wait_for("the model to load", lambda s: " ready │ onnx │ adapter base │ cpu" in s)
         tmux("send-keys", "-t", "chat", "-l", "Plan a weekend in Porto")
         tmux("send-keys", "-t", "chat", "Enter")

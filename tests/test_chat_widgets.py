@@ -72,3 +72,53 @@ async def test_streaming_rows_match_the_whole_text_and_become_markdown():
         await reply.finish("done")
         await pilot.pause()
         assert not reply.query(StreamingText) and reply.query_one(Markdown).source == reply.text
+
+
+def hostile_pieces(seed: int, count: int) -> list[str]:
+    """What a model (the tests' random one above all) can write: tabs, carriage returns and other characters the
+    wrap rewrites or drops, wide and zero-width characters, words longer than a row, runs of spaces."""
+    rng = random.Random(seed)
+    kinds = [
+        " word",
+        "\t",
+        "\tindented",
+        "\r",
+        "\r\n",
+        "\x0b",
+        "\x0c",
+        "  ",
+        " 中文字",
+        " 🙂",
+        "\u200b",
+        "e\u0301",
+        "\u2028",
+        "\n",
+        " " + "y" * 70,
+        "z" * 25,
+        "[bold]not markup[/]",
+        " -",
+    ]
+    return [rng.choice(kinds) for _ in range(count)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_streaming_survives_anything_a_model_writes(seed):
+    """The first CI failure of the tail: a tab or a carriage return, which the wrap rewrites, made finding the rows
+    raise, and the app exited mid-reply. Now every such piece streams, no text is lost, and it still ends as
+    Markdown."""
+    app = OneReply()
+    async with app.run_test(size=(80, 200)) as pilot:
+        reply = app.query_one(AssistantMessage)
+        streaming = reply.query_one(StreamingText)
+        await pilot.pause()
+        for i, piece in enumerate(hostile_pieces(seed, 800)):
+            reply.append(piece)
+            if i % 25 == 0:
+                await pilot.pause()
+        await pilot.pause()
+        shown = "".join(str(static.content) for static in streaming.query(Static))
+        assert "".join(shown.split()) == "".join(reply.text.split())  # every character but whitespace, in order
+        assert len(streaming.query(Static)) < 200  # frozen in blocks, not one Static per piece
+        await reply.finish("done")
+        await pilot.pause()
+        assert reply.query_one(Markdown).source == reply.text

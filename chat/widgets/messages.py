@@ -58,16 +58,35 @@ class StreamingText(Vertical):
         # all rows but the last are complete: earlier lines, and the wrapped rows above the last one of the line
         # being written (greedy word wrap: appending text only changes the last row)
         done, newline, line = self._text.rpartition("\n")
-        line_rows = Content(line).wrap(width)
-        end = 0
-        for row in line_rows[:-1]:
-            end = line.index(row.plain, end) + len(row.plain)
+        cut = last_row_start(line, width)
         frozen = [done] if newline else []
-        if len(line_rows) > 1:
-            frozen.append("\n".join(row.plain for row in line_rows[:-1]))
-        self._text = line[end:].lstrip(" ")  # the wrap drops the spaces at a break
+        if cut:
+            frozen.append(line[:cut].rstrip(" "))
+        if not frozen:  # nothing complete to move up (a line the wrap cannot place): the tail shows what fits
+            self._tail.update(self._text, layout=False)
+            return
+        self._text = line[cut:].lstrip(" ")  # the wrap drops the spaces at a break
         self.mount(Static("\n".join(frozen), markup=False), before=self._tail)
         self._tail.update(self._text)
+
+
+def last_row_start(line: str, width: int) -> int:
+    """Where the last of `line`'s wrapped rows starts in it. Found row by row while the wrap keeps the text as is;
+    a model can write anything, and where the wrap rewrites characters (it expands tabs and drops carriage returns,
+    for example) the cut goes at the last space that leaves at most two rows after it, or mid-word: the frozen part
+    then wraps on its own, a row may end early until the reply becomes Markdown, and no text is lost."""
+    rows = Content(line).wrap(width)
+    end = 0
+    for row in rows[:-1]:
+        at = line.find(row.plain, end)
+        if at < 0:
+            break
+        end = at + len(row.plain)
+    else:
+        return end
+    floor = max(len(line) - width, 0)
+    space = line.rfind(" ", 0, floor + 1)
+    return space if space > 0 and len(line) - space <= 2 * width else floor
 
 
 class AssistantMessage(Vertical):
