@@ -1,29 +1,81 @@
 """Quality, speed and size of every variant of the model.
 
 Variants: fp32 base, RTN int4, AWQ int4, AWQ + each adapter (PyTorch); ONNX int4 alone and + each adapter (ORT).
-Per variant: held-out loss and perplexity per task, trip_json JSON-valid rate and field accuracy (where it matters),
-size on disk; for ONNX variants also time to first token, decode tokens/s and peak RSS (measured in a fresh process).
+Per variant: held-out loss and perplexity per task, trip_json JSON-valid rate and field accuracy (where it matters)
+on the eval split and, as `trip_json_ood`, on hand-written out-of-distribution requests (data/ood/), size on disk;
+for ONNX variants also time to first token, decode tokens/s and peak RSS (measured in a fresh process).
 Losses an upstream stage already measured on the same rows (same max_seq_len) are taken from its metrics.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from olive_lab.decode import SPEED_PROMPT, ort_run
 from olive_lab.errors import StageError
-from olive_lab.files import dir_size_mb, write_csv
+from olive_lab.files import dir_size_mb, read_text_lines, write_csv
 from olive_lab.lm import end_token, eval_loss, greedy_replies, load_model, load_tokenizer, prompt_text
 from olive_lab.memory import require_fits
 from olive_lab.onnx.check import onnx_loss
-from olive_lab.scoring import JSON_TASK, json_scores, loss_entries
+from olive_lab.scoring import JSON_TASK, TRIP_KEYS, json_scores, loss_entries
 
 log = logging.getLogger(__name__)
 
 SPEED_KEYS = ("ttft_ms", "decode_tok_s", "peak_rss_mb")  # wall-clock figures: reported apart from quality
+OOD_KEY = f"{JSON_TASK}_ood"  # JSON scores on the out-of-distribution requests, next to the eval split's
+
+
+def read_ood(path: Path) -> list[dict]:
+    """The out-of-distribution trip_json rows: one `{"prompt": request, "response": expected trip JSON}` per line, as in
+    data/trip_json.jsonl. Checked as far as scoring needs (tests/test_ood.py holds the shipped file to the data
+    stage's whole trip_json schema); the first bad line raises StageError('file:line: reason')."""
+    if not path.exists():
+        raise StageError(f"{path}: not found (a file tracked in git: `git checkout -- {path}`)")
+    rows: list[dict] = []
+    seen: dict[str, int] = {}
+    for lineno, line in enumerate(read_text_lines(path), start=1):
+        where = f"{path}:{lineno}"
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise StageError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(row, dict) or set(row) != {"prompt", "response"}:
+            keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise StageError(f"{where}: a row must have exactly the keys 'prompt' and 'response', got {keys}")
+        for field in ("prompt", "response"):
+            if not isinstance(row[field], str) or not row[field].strip():
+                raise StageError(f"{where}: field '{field}' must be a non-empty string")
+        try:
+            expected = json.loads(row["response"])
+        except json.JSONDecodeError as exc:
+            raise StageError(f"{where}: response is not valid JSON ({exc.msg} at char {exc.pos})") from None
+        if not isinstance(expected, dict) or set(expected) != set(TRIP_KEYS):
+            got = sorted(expected) if isinstance(expected, dict) else type(expected).__name__
+            raise StageError(f"{where}: response must be a JSON object with exactly the keys {TRIP_KEYS}, got {got}")
+        key = " ".join(row["prompt"].lower().split())
+        if key in seen:
+            raise StageError(f"{where}: duplicate prompt (same as line {seen[key]})")
+        seen[key] = lineno
+        rows.append(row)
+    if not rows:
+        raise StageError(f"{path}: no rows")
+    return rows
+
+
+def json_results(replies: list[str], gen_rows: Sequence[dict], ood_rows: Sequence[dict]) -> dict:
+    """JSON scores of replies to gen_rows followed by ood_rows: the eval split's at the top level, the
+    out-of-distribution rows' under OOD_KEY (absent without such rows)."""
+    results = json_scores(replies[: len(gen_rows)], gen_rows)
+    if ood_rows:
+        results[OOD_KEY] = json_scores(replies[len(gen_rows) :], ood_rows)
+    return results
 
 
 @dataclass
@@ -46,11 +98,28 @@ class Upstream:
 
 
 def torch_variants(
-    models: Models, upstream: Upstream, rows: dict, gen_rows: list[dict], ev: dict, device: str, tasks: list[str]
+    models: Models,
+    upstream: Upstream,
+    rows: dict,
+    gen_rows: list[dict],
+    ev: dict,
+    device: str,
+    tasks: list[str],
+    ood_rows: Sequence[dict] = (),
 ) -> dict:
     """fp32, RTN and AWQ: the quantize stage's per-task losses (same rows, same max_seq_len), not recomputed here.
     AWQ + each adapter: losses on every task (the other task's too: what an adapter costs off its task)."""
     from peft import PeftModel
+
+    def replies(model, tok) -> list[str]:
+        """Replies to the eval split's rows, then to the OOD rows: two calls, so that the split's batches (left
+        padding depends on the batch) are the same as without OOD rows."""
+        return [
+            reply
+            for part in (gen_rows, ood_rows)
+            if part
+            for reply in greedy_replies(model, tok, [r["prompt"] for r in part], ev["max_new_tokens"])
+        ]
 
     done = upstream.quantize.get("task_eval_loss", {})
     # RTN is the quantize stage's control: its dense checkpoint, not kept, would have AWQ's layout and size.
@@ -62,8 +131,7 @@ def torch_variants(
         results[name] = {**loss_entries({t: done[name][t] for t in tasks}), "size_mb": dir_size_mb(path)}
         if name != "rtn" and gen_rows:  # RTN is the control for perplexity; its generations add no insight
             tok, model = load_tokenizer(path), load_model(path, device)
-            replies = greedy_replies(model, tok, [r["prompt"] for r in gen_rows], ev["max_new_tokens"])
-            results[name].update(json_scores(replies, gen_rows))
+            results[name].update(json_results(replies(model, tok), gen_rows, ood_rows))
         log.info("%s: %s", name, results[name])
     tok = load_tokenizer(models.quantized)
     peft_model = None
@@ -84,9 +152,8 @@ def torch_variants(
         }
         name = f"awq+{task}"
         results[name] = {**loss_entries(measured), "size_mb": dir_size_mb(folder)}
-        if task == JSON_TASK:
-            replies = greedy_replies(peft_model, tok, [r["prompt"] for r in gen_rows], ev["max_new_tokens"])
-            results[name].update(json_scores(replies, gen_rows))
+        if task == JSON_TASK and gen_rows:
+            results[name].update(json_results(replies(peft_model, tok), gen_rows, ood_rows))
         log.info("%s: %s", name, results[name])
     return results
 
@@ -160,15 +227,18 @@ def check_models(models: Models, tasks: list[str]) -> None:
 
 
 def evaluate_all(
-    models: Models, upstream: Upstream, rows: dict, ev: dict, device: str, tasks: list[str]
+    models: Models, upstream: Upstream, rows: dict, ev: dict, device: str, tasks: list[str], ood: Sequence[dict] = ()
 ) -> tuple[dict, dict]:
     """Every variant. Returns (quality metrics, perf): perf holds each ONNX variant's TTFT, tok/s and peak RSS and
-    the stage's seconds, apart from the quality figures that the upload stage tags the model with."""
+    the stage's seconds, apart from the quality figures that the upload stage tags the model with.
+    `ood`: out-of-distribution trip_json rows, all of them scored wherever the eval split's first
+    evaluate.max_prompts are (reported under OOD_KEY)."""
     check_models(models, tasks)
     gen_rows = rows[JSON_TASK][: ev["max_prompts"]] if JSON_TASK in rows else []
+    ood_rows = list(ood) if gen_rows else []
     require_fits(models.base, "evaluate", device)
     start = time.time()
-    results = torch_variants(models, upstream, rows, gen_rows, ev, device, tasks)
+    results = torch_variants(models, upstream, rows, gen_rows, ev, device, tasks, ood_rows)
     log.info("torch variants done at %.0f s", time.time() - start)
     onnx = onnx_losses(models.onnx, upstream.optimize, rows, ev["max_seq_len"], tasks)
     log.info("ONNX losses done at %.0f s", time.time() - start)
@@ -176,14 +246,14 @@ def evaluate_all(
     model_mb = dir_size_mb(models.onnx / "model")
     for adapter in [None, *tasks]:
         name = "onnx" if adapter is None else f"onnx+{adapter}"
-        prompts = [r["prompt"] for r in gen_rows] if adapter in (None, JSON_TASK) else []
+        prompts = [r["prompt"] for r in gen_rows + ood_rows] if adapter in (None, JSON_TASK) else []
         ort = ort_variant(models.onnx, adapter, prompts, ev["max_new_tokens"])
         replies = ort.pop("replies")
         perf[name] = {k: ort[k] for k in SPEED_KEYS}
         size = model_mb + (dir_size_mb(models.onnx / "adapters" / f"{adapter}.onnx_adapter") if adapter else 0)
         onnx[name]["size_mb"] = round(size, 2)
         if replies:
-            onnx[name].update(json_scores(replies, gen_rows))
+            onnx[name].update(json_results(replies, gen_rows, ood_rows))
         log.info("%s: %s %s (at %.0f s)", name, onnx[name], perf[name], time.time() - start)
     results.update(onnx)
     perf["seconds"] = round(time.time() - start, 1)

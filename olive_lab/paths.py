@@ -12,6 +12,9 @@ CONF_DIR = Path("conf")
 
 DATA_DIR = Path("data")  # data/<task>.jsonl, hand-written or generated (data/README.md)
 SPLITS = DATA_DIR / "split"  # <task>/{train,eval}.jsonl, written by the data stage
+# Hand-written out-of-distribution trip_json requests (data/README.md), tracked in git: never produced by a stage,
+# read by evaluate only (never by data or finetune: tests/test_ood.py)
+TRIP_JSON_OOD = DATA_DIR / "ood" / "trip_json_ood.jsonl"
 
 MODELS = Path("models")
 BASE_MODEL = MODELS / "base"  # Hugging Face folder, fp32 (base stage)

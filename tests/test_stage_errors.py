@@ -52,13 +52,17 @@ def tiny_model(**arch) -> dict:
     return model
 
 
-def with_splits(folder: Path) -> None:
-    """data/split/<task>/{train,eval}.jsonl with a few rows, as the data stage writes them."""
+def with_splits(folder: Path, ood: bool = True) -> None:
+    """data/split/<task>/{train,eval}.jsonl with a few rows, as the data stage writes them, and the tracked
+    out-of-distribution file evaluate reads (unless `ood` is false)."""
     for task in ("travel", "trip_json"):
         rows = (ROOT / f"data/{task}.jsonl").read_text().splitlines()
         (folder / "data/split" / task).mkdir(parents=True)
         (folder / "data/split" / task / "train.jsonl").write_text("\n".join(rows[:8]) + "\n")
         (folder / "data/split" / task / "eval.jsonl").write_text("\n".join(rows[8:12]) + "\n")
+    if ood:
+        (folder / "data/ood").mkdir()
+        shutil.copy(ROOT / "data/ood/trip_json_ood.jsonl", folder / "data/ood/trip_json_ood.jsonl")
 
 
 def stage_fails_in_one_line(folder: Path, stage: str, *args: str) -> str:
@@ -125,6 +129,13 @@ MISSING_INPUTS = [
     ("finetune", {}, None, "models/quantized/config.json: not found (run the stage that makes models/quantized)"),
     ("optimize", {}, None, "models/quantized/config.json: not found (run `dvc repro quantize` first)"),
     ("evaluate", {}, None, "data/split/travel/eval.jsonl: not found (run `dvc repro data` first)"),
+    (
+        "evaluate",
+        {},
+        lambda folder: with_splits(folder, ood=False),
+        "data/ood/trip_json_ood.jsonl: not found (a file tracked in git: "
+        "`git checkout -- data/ood/trip_json_ood.jsonl`)",
+    ),
     ("evaluate", {}, with_splits, "models/base/config.json: not found (run `dvc repro base` first)"),
     ("upload", {}, None, "models/onnx: not found (run the optimize stage first: `dvc repro optimize`)"),
 ]
@@ -159,6 +170,20 @@ def test_evaluate_names_the_first_missing_variant(tmp_path, tiny_base, tiny_onnx
     write_params(tmp_path, edited(model=tiny_model()))
     line = stage_fails_in_one_line(tmp_path, "evaluate")
     assert line == "models/adapters/trip_json/adapter_config.json: not found (run `dvc repro finetune@trip_json` first)"
+
+
+def test_evaluate_names_the_bad_line_of_the_ood_file(tmp_path):
+    """A malformed line in data/ood/trip_json_ood.jsonl stops evaluate before any model is loaded."""
+    with_splits(tmp_path)
+    path = tmp_path / "data/ood/trip_json_ood.jsonl"
+    lines = path.read_text().splitlines()
+    lines[4] = lines[4][:-1]  # line 5 loses its closing brace
+    path.write_text("\n".join(lines) + "\n")
+    write_params(tmp_path, edited(model=tiny_model()))
+    line = stage_fails_in_one_line(tmp_path, "evaluate")
+    assert re.fullmatch(
+        r"data/ood/trip_json_ood\.jsonl:5: not valid JSON \(Expecting ',' delimiter at column \d+\)", line
+    ), line
 
 
 # ---------------------------------------------------------------- bad and missing params
