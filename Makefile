@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # dvc.yaml's stage commands call `python`: make it the venv's for every target (repro, push, pull, ...)
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: help setup lock params deps repro chat test test-fast lint format clean bench-chat bench-chat-speed bench-lora bench-setup bench-cpu \
+.PHONY: help setup lock params deps repro exps chat test test-fast lint format clean bench-chat bench-chat-speed bench-lora bench-setup bench-cpu \
         remote-up remote-down push pull wheelhouse gpu-tokenizer cloud
 
 help:  ## list the targets
@@ -51,6 +51,11 @@ deps:  ## rewrite dvc.yaml's code deps from what each stage imports (tests/test_
 
 repro:  ## run the whole pipeline (exits 130 after Ctrl+C, 143 after SIGTERM: tools/repro.py)
 	$(BIN)/python -m tools.repro
+
+# the columns that compare experiments (dvc exp show prints about 250): fits a 120-column terminal
+EXP_COLUMNS = ^(Experiment|Created|model\.name|quantize\.method|quantize\.int8_layers|ppl_over_fp32|onnx\.decode_tok_s|onnx\+travel\.travel_loss|onnx\+trip_json\.field_accuracy)$$
+exps:  ## dvc exp show, key columns only (quantize method, perplexity ratio, decode speed, adapter quality)
+	$(BIN)/dvc exp show --no-pager --drop '.*' --keep '$(EXP_COLUMNS)'
 
 chat:  ## open the terminal chat on the ONNX model
 	$(BIN)/python -m chat

@@ -30,7 +30,15 @@ import threading
 import time
 from pathlib import Path
 
-from olive_lab.decode import adapter_load_ms, cpu_name, first_step_ms, linked_copy, ort_greedy, set_threads
+from olive_lab.decode import (
+    adapter_load_ms,
+    bytes_per_token,
+    cpu_name,
+    first_step_ms,
+    linked_copy,
+    ort_greedy,
+    set_threads,
+)
 from olive_lab.decode import model_peak_rss_mb as peak_rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,26 +183,6 @@ def copy_bandwidth_gb_s(threads: int, mb: int = 512, repeats: int = 5) -> float:
             w.join()
         best = min(best, time.perf_counter() - start)
     return 2 * src.nbytes / best / 1e9
-
-
-def bytes_per_token(model_dir: Path, adapter_file: Path | None, context: int) -> dict:
-    """Bytes one decode step reads: weights (the embedding table only by one row), adapter tensors, KV cache."""
-    import onnx
-
-    graph = onnx.load(str(model_dir / "model.onnx"), load_external_data=False).graph
-    gathered = {n.input[0] for n in graph.node if n.op_type == "Gather"}
-    weights = 0
-    for t in graph.initializer:
-        size = next((int(e.value) for e in t.external_data if e.key == "length"), None)
-        if size is None:
-            size = len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes
-        if t.name in gathered and len(t.dims) == 2:
-            size = size // t.dims[0]  # one row per token
-        weights += size
-    config = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
-    kv = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * config["head_size"] * 4 * context
-    adapter = adapter_file.stat().st_size if adapter_file else 0
-    return {"weights": weights, "adapter": adapter, "kv_cache": kv, "total": weights + adapter + kv}
 
 
 # --- where the time goes -------------------------------------------------------------------------------------------

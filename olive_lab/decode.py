@@ -6,6 +6,7 @@ peak RSS is the model's alone.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import queue as queue_module
 import time
@@ -192,6 +193,26 @@ def linked_copy(model_dir: Path, out: Path) -> Path:
         elif not target.exists():
             target.symlink_to(f.resolve())
     return out
+
+
+def bytes_per_token(model_dir: Path, adapter_file: Path | None, context: int) -> dict:
+    """Bytes one decode step reads: weights (the embedding table only by one row), adapter tensors, KV cache."""
+    import onnx
+
+    graph = onnx.load(str(model_dir / "model.onnx"), load_external_data=False).graph
+    gathered = {n.input[0] for n in graph.node if n.op_type == "Gather"}
+    weights = 0
+    for t in graph.initializer:
+        size = next((int(e.value) for e in t.external_data if e.key == "length"), None)
+        if size is None:
+            size = len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes
+        if t.name in gathered and len(t.dims) == 2:
+            size = size // t.dims[0]  # one row per token
+        weights += size
+    config = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
+    kv = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * config["head_size"] * 4 * context
+    adapter = adapter_file.stat().st_size if adapter_file else 0
+    return {"weights": weights, "adapter": adapter, "kv_cache": kv, "total": weights + adapter + kv}
 
 
 def cpu_name() -> str:

@@ -83,7 +83,7 @@ class Models:
     """Where each variant lives."""
 
     base: Path  # fp32 Hugging Face folder
-    quantized: Path  # AWQ, fake-quantized Hugging Face folder
+    quantized: Path  # the quantize stage's fake-quantized Hugging Face folder
     adapters: Path  # <task>/ PEFT folders
     onnx: Path  # model/ + adapters/<task>.onnx_adapter
 
@@ -107,8 +107,8 @@ def torch_variants(
     tasks: list[str],
     ood_rows: Sequence[dict] = (),
 ) -> dict:
-    """fp32, RTN and AWQ: the quantize stage's per-task losses (same rows, same max_seq_len), not recomputed here.
-    AWQ + each adapter: losses on every task (the other task's too: what an adapter costs off its task)."""
+    """fp32, RTN and the quantized model (quantize.method): the quantize stage's per-task losses (same rows, same
+    max_seq_len), not recomputed here. Quantized + each adapter: losses on every task (the other task's too: what an adapter costs off its task)."""
     from peft import PeftModel
 
     def replies(model, tok) -> list[str]:
@@ -122,8 +122,8 @@ def torch_variants(
         ]
 
     done = upstream.quantize.get("task_eval_loss", {})
-    # RTN is the quantize stage's control: its dense checkpoint, not kept, would have AWQ's layout and size.
-    sources = {"fp32": models.base, "rtn": models.quantized, "awq": models.quantized}
+    # RTN is the quantize stage's control: its dense checkpoint, not kept, would have the kept one's layout and size.
+    sources = {"fp32": models.base, "rtn": models.quantized, "quantized": models.quantized}
     results = {}
     for name, path in sources.items():
         if set(done.get(name, {})) != set(tasks):
@@ -150,7 +150,7 @@ def torch_variants(
             t: known[t] if t in known else round(eval_loss(peft_model, tok, r, ev["max_seq_len"]), 4)
             for t, r in rows.items()
         }
-        name = f"awq+{task}"
+        name = f"quantized+{task}"
         results[name] = {**loss_entries(measured), "size_mb": dir_size_mb(folder)}
         if task == JSON_TASK and gen_rows:
             results[name].update(json_results(replies(peft_model, tok), gen_rows, ood_rows))

@@ -52,6 +52,14 @@ KINDS: dict[str, tuple[str, Any]] = {
     "number(0,1)": ("a number between 0 and 1", lambda v: _is_number(v) and 0 < v < 1),
     "bool": ("true or false", lambda v: isinstance(v, bool)),
     "str": ("a non-empty string", lambda v: isinstance(v, str) and bool(v.strip())),
+    "layers": (
+        "'sensitive', a list of layer indices or null",
+        lambda v: v is None or v == "sensitive" or (isinstance(v, list) and all(_is_int(i) and i >= 0 for i in v)),
+    ),
+    "names": (
+        "a list of module names",
+        lambda v: isinstance(v, list) and all(isinstance(i, str) and i.strip() for i in v),
+    ),
 }
 
 

@@ -55,7 +55,7 @@ def run(argv: list[str]) -> None:
             raise StageError(f"finetune {task}: the {gpus} torchrun workers failed (exit {status}); see above")
         return
     # The quantize stage measured the quantized model on the same rows with the same max_seq_len.
-    base_loss = read_metrics(paths.QUANTIZE_METRICS).get("task_eval_loss", {}).get("awq", {}).get(task)
+    base_loss = read_metrics(paths.QUANTIZE_METRICS).get("task_eval_loss", {}).get("quantized", {}).get(task)
     metrics, curve, seconds = finetune(
         task, settings, device, paths.QUANTIZED, paths.SPLITS, paths.adapter_dir(task), base_loss
     )

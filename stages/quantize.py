@@ -1,4 +1,5 @@
-"""Stage quantize: AWQ int4 (models/quantized/) and the RTN control, each against fp32 (metrics/quantize.json)."""
+"""Stage quantize: int4 by quantize.method, optionally with int8 sensitive layers (models/quantized/), and the plain
+RTN int4 control, each against fp32 (metrics/quantize.json)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ from olive_lab.cli import entry_point
 from olive_lab.device import check_device
 from olive_lab.files import write_json
 from olive_lab.params import check_params, load_params, require
-from olive_lab.quantize import compare_quantizers
+from olive_lab.quantize import METHODS, compare_quantizers
 
 # Checked before any model or data is read: a bad value stops the stage in one line naming the key.
 PARAMS = {
-    "quantize.method": ("awq",),
+    "quantize.method": METHODS,
+    "quantize.int8_layers": "layers",
+    "quantize.int8_modules": "names",
     "quantize.bits": (4,),
     "quantize.symmetric": "bool",
     "quantize.calib_samples": "int>0",

@@ -187,7 +187,7 @@ def test_torch_greedy_replies_stop_at_the_end_token_per_prompt(tiny_base, tiny_a
 
 
 def quantize_metrics(losses: dict[str, float]) -> dict:
-    return {"task_eval_loss": {v: dict(losses) for v in ("fp32", "rtn", "awq")}}
+    return {"task_eval_loss": {v: dict(losses) for v in ("fp32", "rtn", "quantized")}}
 
 
 def test_evaluate_all_reports_every_variant_and_reuses_upstream_losses(tiny_base, tiny_adapters, tiny_onnx):
@@ -207,9 +207,9 @@ def test_evaluate_all_reports_every_variant_and_reuses_upstream_losses(tiny_base
     assert list(results) == [
         "fp32",
         "rtn",
-        "awq",
-        "awq+travel",
-        "awq+trip_json",
+        "quantized",
+        "quantized+travel",
+        "quantized+trip_json",
         "onnx",
         "onnx+travel",
         "onnx+trip_json",
@@ -218,13 +218,13 @@ def test_evaluate_all_reports_every_variant_and_reuses_upstream_losses(tiny_base
         for task in TASKS:
             assert m[f"{task}_ppl"] == perplexity(m[f"{task}_loss"]), name
         assert m["size_mb"] > 0
-    assert results["fp32"]["travel_loss"] == 7.0 and results["awq"]["trip_json_loss"] == 6.0
-    assert results["awq+travel"]["travel_loss"] == 5.0
-    assert results["awq+trip_json"]["trip_json_loss"] != 4.0  # row count differs: measured here
+    assert results["fp32"]["travel_loss"] == 7.0 and results["quantized"]["trip_json_loss"] == 6.0
+    assert results["quantized+travel"]["travel_loss"] == 5.0
+    assert results["quantized+trip_json"]["trip_json_loss"] != 4.0  # row count differs: measured here
     assert results["onnx+travel"]["travel_loss"] == 8.0 and results["onnx"]["trip_json_loss"] == 9.0
     # JSON scores where a variant answers trip_json prompts; never for RTN (the perplexity control) or travel
     scored = {name for name, m in results.items() if "json_valid" in m}
-    assert scored == {"fp32", "awq", "awq+trip_json", "onnx", "onnx+trip_json"}
+    assert scored == {"fp32", "quantized", "quantized+trip_json", "onnx", "onnx+trip_json"}
     assert all(0 <= results[n]["json_valid"] <= 1 and 0 <= results[n]["field_accuracy"] <= 1 for n in scored)
     # speed apart from quality
     assert set(perf) == {"onnx", "onnx+travel", "onnx+trip_json", "seconds"}

@@ -33,7 +33,7 @@ def test_base_model_answers_sensibly_with_its_chat_template(smoke_repo):
 def test_quantized_model_did_not_collapse(smoke_repo):
     q = metrics(smoke_repo, "quantize.json")
     # autoawq on CPU once wrote a checkpoint with loss 13 vs 3: perplexity would explode far past this bound.
-    assert q["awq_over_fp32"] < 1.5, q
+    assert q["ppl_over_fp32"] < 1.5, q
     assert q["rtn_over_fp32"] < 2.0, q
 
 
@@ -43,11 +43,11 @@ def test_adapters_learn_their_task(smoke_repo):
         assert m["adapter_eval_loss"] < m["base_eval_loss"], m
 
 
-def test_awq_beats_round_to_nearest(smoke_repo):
-    """AWQ's point: a lower loss than plain RTN int4 on the same grid, overall and on every task."""
+def test_quantized_beats_round_to_nearest(smoke_repo):
+    """The quantize method's point: a lower loss than plain RTN int4, overall and on every task."""
     q = metrics(smoke_repo, "quantize.json")
-    assert q["awq_ppl"] < q["rtn_ppl"], q
-    for task, loss in q["task_eval_loss"]["awq"].items():
+    assert q["ppl"] < q["rtn_ppl"], q
+    for task, loss in q["task_eval_loss"]["quantized"].items():
         assert loss < q["task_eval_loss"]["rtn"][task], (task, q["task_eval_loss"])
 
 
@@ -64,7 +64,7 @@ def test_onnx_model_serves_every_adapter_and_agrees_with_torch(smoke_repo):
         assert abs(m["loss_onnx"] - m["loss_torch"]) <= MAX_LOSS_REL * m["loss_torch"] + MAX_LOSS_ABS, (variant, m)
         assert abs(m["loss_ratio"] - 1) <= 0.01 or abs(m["loss_diff"]) <= MAX_LOSS_ABS, (variant, m)
     assert opt["int4_grid_error"]["max_rel"] <= MAX_GRID_REL, opt["int4_grid_error"]
-    assert opt["int4_grid_error"]["moved_share"] < 1e-3, opt["int4_grid_error"]  # CPU: the AWQ grid itself
+    assert opt["int4_grid_error"]["moved_share"] == 0, opt["int4_grid_error"]  # the quantize stage's grid itself
 
 
 def test_onnx_trip_json_adapter_answers_in_json(smoke_repo):
@@ -74,7 +74,7 @@ def test_onnx_trip_json_adapter_answers_in_json(smoke_repo):
     tuned, base = ev["onnx+trip_json"], ev["onnx"]
     assert tuned["json_valid"] >= 0.75, tuned
     assert tuned["json_valid"] > base["json_valid"] and tuned["field_accuracy"] > base["field_accuracy"], (tuned, base)
-    assert abs(tuned["json_valid"] - ev["awq+trip_json"]["json_valid"]) <= 0.25, ev  # ONNX answers like torch
+    assert abs(tuned["json_valid"] - ev["quantized+trip_json"]["json_valid"]) <= 0.25, ev  # ONNX answers like torch
 
 
 def test_onnx_speed_is_measured(smoke_repo):

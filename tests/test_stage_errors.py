@@ -193,7 +193,11 @@ BAD = [
     ("data", {"data__eval_fraction": 1.5}, "params.yaml: data.eval_fraction must be a number between 0 and 1, not 1.5"),
     ("data", {"data__seed": "forty-two"}, "params.yaml: data.seed must be an integer >= 0, not 'forty-two'"),
     ("quantize", {"quantize__n_grid": "x"}, "params.yaml: quantize.n_grid must be a positive integer, not 'x'"),
-    ("quantize", {"quantize__method": "gptq"}, "params.yaml: quantize.method must be one of awq, not 'gptq'"),
+    (
+        "quantize",
+        {"quantize__method": "hqq"},
+        "params.yaml: quantize.method must be one of awq, gptq, awq+gptq, rtn, not 'hqq'",
+    ),
     ("quantize", {"quantize__n_grid": DELETE}, "params.yaml: missing key 'quantize.n_grid'"),
     (
         "finetune",

@@ -66,6 +66,22 @@ def builder_options(
     return [o for o in opts if o.split("=", 1)[0] not in given] + overrides
 
 
+def weight_overrides(lm_head: str, int8_nodes: list[str]) -> dict | None:
+    """The builder's structured per-node quantization (target_options) that keeps `int8_nodes` (MatMul node names
+    such as /model/layers.0/attn/qkv_proj/MatMul) at int8. A structured override list replaces the one the KEY=VALUE
+    options make, so the lm_head's precision is restated here."""
+    if not int8_nodes:
+        return None
+    overrides = [{"match": {"name": node}, "type": "int8"} for node in int8_nodes]
+    if lm_head == "int8":
+        overrides.append({"match": {"name": "/lm_head/MatMul"}, "type": "int8"})
+    elif lm_head == "fp32":
+        overrides += [
+            {"match": {"name": n}, "exclude": True} for n in ("/lm_head/MatMul", "/model/embed_tokens/Gather")
+        ]
+    return {"quant_config": {"weights": {"overrides": overrides}}}
+
+
 def export_model(
     hf_dir: Path,
     out_dir: Path,
@@ -76,8 +92,10 @@ def export_model(
     execution_provider: str,
     lm_head: str,
     extra_options: dict | None = None,
+    int8_nodes: list[str] | None = None,
 ) -> None:
-    """Run the builder on `hf_dir`, writing model.onnx(+.data), genai_config.json and tokenizer files to `out_dir`."""
+    """Run the builder on `hf_dir`, writing model.onnx(+.data), genai_config.json and tokenizer files to `out_dir`.
+    `int8_nodes`: MatMuls to keep at 8 bits (the quantize stage's mixed precision) in an int4 model."""
     if execution_provider not in PROVIDERS:
         raise StageError(
             f"params.yaml: device.execution_provider must be one of {PROVIDERS}, not '{execution_provider}'"
@@ -94,8 +112,9 @@ def export_model(
     chatter = io.StringIO()
     try:
         with contextlib.redirect_stdout(chatter):
+            target = weight_overrides(lm_head, int8_nodes or []) if precision == "int4" else None
             opts = parse_extra_options(
-                None, str(hf_dir), str(out_dir), precision, execution_provider, str(cache), extra
+                None, str(hf_dir), str(out_dir), precision, execution_provider, str(cache), extra, target_options=target
             )
             create_model(None, str(hf_dir), str(out_dir), precision, execution_provider, str(cache), **opts)
     except Exception as exc:

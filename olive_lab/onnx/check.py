@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from olive_lab.errors import StageError
+from olive_lab.int4_grid import read_grid
 from olive_lab.lm import IGNORE, encode_example
 
 log = logging.getLogger(__name__)
@@ -44,10 +45,11 @@ def dequantize_matmulnbits(node, initializers: dict[str, np.ndarray]) -> np.ndar
 
 def int4_grid_error(onnx_path: Path, hf_dir: Path) -> dict[str, float]:
     """Largest |ONNX weight - HF weight| over the decoder projections (absolute, and relative to the matrix's
-    largest weight), and the share of weights that moved at all.
+    largest weight), the share of weights that moved at all, and how many MatMuls are int8.
 
-    Zero (to float rounding) when the export re-quantized weights that were already on its int4 grid; a group
-    whose values do not span the full min..max grid (e.g. changed after its scale was fixed) comes out different.
+    Zero (to float rounding) when the export wrote the quantize stage's own grid (olive_lab.onnx.grid). A MatMul
+    whose bits differ from what the quantize stage chose for its weights (int8_layers) is an error whatever its
+    values.
     """
     import onnx
     from onnx import numpy_helper
@@ -58,7 +60,8 @@ def int4_grid_error(onnx_path: Path, hf_dir: Path) -> dict[str, float]:
     hf = {}
     for f in sorted(Path(hf_dir).glob("*.safetensors")):
         hf.update(load_file(str(f)))
-    worst_abs, worst_rel, checked, moved, total = 0.0, 0.0, 0, 0, 0
+    int8 = set(read_grid(hf_dir).get("int8", []))
+    worst_abs, worst_rel, checked, moved, total, eight = 0.0, 0.0, 0, 0, 0, 0
     for node in model.graph.node:
         match = NODE_TO_HF.match(node.name)
         if node.op_type != "MatMulNBits" or not match:
@@ -67,7 +70,15 @@ def int4_grid_error(onnx_path: Path, hf_dir: Path) -> dict[str, float]:
         # Phi-3 checkpoints hold qkv_proj / gate_up_proj themselves; Llama-style ones hold the parts
         fused = f"model.layers.{layer}.{block}.{proj}.weight" in hf
         parts = (proj,) if fused else PACKED.get(proj, (proj,))
-        ref = np.concatenate([hf[f"model.layers.{layer}.{block}.{p}.weight"] for p in parts]).astype(np.float32)
+        names = [f"model.layers.{layer}.{block}.{p}.weight" for p in parts]
+        ref = np.concatenate([hf[name] for name in names]).astype(np.float32)
+        bits = next(a.i for a in node.attribute if a.name == "bits")
+        if {8 if name in int8 else 4 for name in names} != {bits}:
+            raise StageError(
+                f"{onnx_path}: {node.name} is {bits}-bit, but the quantize stage put {names[0]} on a "
+                f"{8 if names[0] in int8 else 4}-bit grid"
+            )
+        eight += bits == 8
         got = dequantize_matmulnbits(node, inits)
         if got.shape != ref.shape:
             raise StageError(f"{onnx_path}: {node.name} weight shape {got.shape} != Hugging Face {ref.shape}")
@@ -79,7 +90,13 @@ def int4_grid_error(onnx_path: Path, hf_dir: Path) -> dict[str, float]:
         checked += 1
     if not checked:
         raise StageError(f"{onnx_path}: no int4 decoder projections found")
-    return {"max_abs": worst_abs, "max_rel": worst_rel, "moved_share": moved / total, "matmuls": checked}
+    return {
+        "max_abs": worst_abs,
+        "max_rel": worst_rel,
+        "moved_share": moved / total,
+        "matmuls": checked,
+        "int8_matmuls": eight,
+    }
 
 
 class OnnxLM:

@@ -21,6 +21,7 @@ from olive_lab.files import atomic_dir, dir_size_mb, remove_outputs
 from olive_lab.int4_grid import META_FILE
 from olive_lab.memory import require_fits
 from olive_lab.onnx.build import export_model, set_cuda_graph
+from olive_lab.onnx.grid import int8_matmuls, write_torch_grid
 from olive_lab.onnx.lora import (
     add_lora_inputs,
     make_resident,
@@ -94,6 +95,7 @@ def build_onnx(
             "params.yaml: optimize.lora_layout=switch adds an If node, which ORT cannot capture in a CUDA graph: "
             "set optimize.cuda_graph=false or optimize.lora_layout=branches"
         )
+    int8_nodes = int8_matmuls(hf_dir, weight_names(hf_dir)) if precision == "int4" else []
     start = time.time()
     with atomic_dir(out_dir) as tmp:
         model_dir, adapter_dir = tmp / "model", tmp / "adapters"
@@ -107,7 +109,10 @@ def build_onnx(
             execution_provider=execution_provider,
             lm_head=lm_head,
             extra_options=builder_extra,
+            int8_nodes=int8_nodes,
         )
+        if precision == "int4" and (rewritten := write_torch_grid(model_dir / "model.onnx", hf_dir)):
+            log.info("int4/int8 weights: the quantize stage's own grid in %d MatMuls", rewritten)
         canonicalize(model_dir)  # the builder re-saves the tokenizer with transformers: keep the canonical form
         original = config.get("original_max_position_embeddings")
         # Phi-3's LongRoPE picks its cos/sin cache with an If, which ORT cannot capture: a Where does the same
