@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from olive_lab.errors import StageError
-from olive_lab.files import atomic_dir, read_text_lines, write_jsonl
+from olive_lab.files import atomic_dir, prompt_response_rows, write_jsonl
 from olive_lab.scoring import TRIP_KEYS
 
 log = logging.getLogger(__name__)
@@ -84,17 +84,7 @@ def load_task(path: Path, task: str, max_prompt: int, max_response: int) -> list
     rows: list[dict[str, str]] = []
     seen: dict[str, int] = {}
     check = TASK_CHECKS.get(task)
-    for lineno, line in enumerate(read_text_lines(path), start=1):
-        where = f"{path}:{lineno}"
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise StageError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(row, dict) or set(row) != {"prompt", "response"}:
-            keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-            raise StageError(f"{where}: a row must have exactly the keys 'prompt' and 'response', got {keys}")
+    for where, lineno, row in prompt_response_rows(path):
         for field, limit in (("prompt", max_prompt), ("response", max_response)):
             value = row[field]
             if not isinstance(value, str):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from olive_lab.decode import SPEED_PROMPT, ort_run
 from olive_lab.errors import StageError
-from olive_lab.files import dir_size_mb, read_text_lines, write_csv
+from olive_lab.files import dir_size_mb, prompt_response_rows, write_csv
 from olive_lab.lm import end_token, eval_loss, greedy_replies, load_model, load_tokenizer, prompt_text
 from olive_lab.memory import require_fits
 from olive_lab.onnx.check import onnx_loss
@@ -38,17 +38,7 @@ def read_ood(path: Path) -> list[dict]:
         raise StageError(f"{path}: not found (a file tracked in git: `git checkout -- {path}`)")
     rows: list[dict] = []
     seen: dict[str, int] = {}
-    for lineno, line in enumerate(read_text_lines(path), start=1):
-        where = f"{path}:{lineno}"
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise StageError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(row, dict) or set(row) != {"prompt", "response"}:
-            keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-            raise StageError(f"{where}: a row must have exactly the keys 'prompt' and 'response', got {keys}")
+    for where, lineno, row in prompt_response_rows(path):
         for field in ("prompt", "response"):
             if not isinstance(row[field], str) or not row[field].strip():
                 raise StageError(f"{where}: field '{field}' must be a non-empty string")

@@ -52,6 +52,24 @@ def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in read_text_lines(path) if line.strip()]
 
 
+def prompt_response_rows(path: Path) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    """The rows of a hand-written `{"prompt": ..., "response": ...}` JSONL file, with "file:line" and the line number
+    for messages; blank lines are skipped. A line that is not one JSON object with exactly those two keys raises
+    StageError('file:line: reason'); the callers check the values (data limits, the trip JSON schema, duplicates)."""
+    for lineno, line in enumerate(read_text_lines(path), start=1):
+        where = f"{path}:{lineno}"
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise StageError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(row, dict) or set(row) != {"prompt", "response"}:
+            keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise StageError(f"{where}: a row must have exactly the keys 'prompt' and 'response', got {keys}")
+        yield where, lineno, row
+
+
 def read_text_lines(path: Path | str) -> list[str]:
     """The lines of a UTF-8 text file; a byte that is not UTF-8 fails as `file:line: ...`, like any bad row."""
     path = Path(path)

@@ -20,8 +20,3 @@ def read_grid(model_dir: Path) -> dict:
     folder has none."""
     path = Path(model_dir) / META_FILE
     return json.loads(path.read_text()) if path.exists() else {}
-
-
-def quantized_layers(model_dir: Path) -> set[str]:
-    """Names of the weights the quantize stage put on the int4 grid."""
-    return set(read_grid(model_dir).get("quantized", []))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from olive_lab.errors import StageError
 from olive_lab.files import atomic_dir, dir_size_mb, read_jsonl, remove_outputs, write_json
-from olive_lab.int4_grid import GRID_FILE, META_FILE, quantized_layers, read_grid
+from olive_lab.int4_grid import GRID_FILE, META_FILE, read_grid
 from olive_lab.lm import encode_example, eval_nll, load_model, load_tokenizer
 from olive_lab.memory import require_fits
 from olive_lab.scoring import perplexity
@@ -273,8 +273,8 @@ def int4_size_mb(model_dir: Path, bits: int, group_size: int) -> float:
     rest fp16."""
     from safetensors import safe_open
 
-    meta = quantized_layers(model_dir)
-    int8 = set(read_grid(model_dir).get("int8", []))
+    grid = read_grid(model_dir)
+    meta, int8 = set(grid.get("quantized", [])), set(grid.get("int8", []))
     total = 0.0
     with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
         for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +11,11 @@ import numpy as np
 from olive_lab.errors import StageError
 from olive_lab.int4_grid import read_grid
 from olive_lab.lm import IGNORE, encode_example
+from olive_lab.onnx.grid import QUANTIZED_NODE, matmul_parts
 
 log = logging.getLogger(__name__)
 
-NODE_TO_HF = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(\w+_proj)/MatMul_Q\d+$")
-HF_BLOCK = {"attn": "self_attn", "mlp": "mlp"}
 FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
@@ -61,16 +58,15 @@ def int4_grid_error(onnx_path: Path, hf_dir: Path) -> dict[str, float]:
     for f in sorted(Path(hf_dir).glob("*.safetensors")):
         hf.update(load_file(str(f)))
     int8 = set(read_grid(hf_dir).get("int8", []))
+    packs = matmul_parts(set(hf))  # the export's own node -> weights map (olive_lab.onnx.grid), so both agree
     worst_abs, worst_rel, checked, moved, total, eight = 0.0, 0.0, 0, 0, 0, 0
     for node in model.graph.node:
-        match = NODE_TO_HF.match(node.name)
+        match = QUANTIZED_NODE.match(node.name)
         if node.op_type != "MatMulNBits" or not match:
             continue
-        layer, block, proj = match[1], HF_BLOCK[match[2]], match[3]
-        # Phi-3 checkpoints hold qkv_proj / gate_up_proj themselves; Llama-style ones hold the parts
-        fused = f"model.layers.{layer}.{block}.{proj}.weight" in hf
-        parts = (proj,) if fused else PACKED.get(proj, (proj,))
-        names = [f"model.layers.{layer}.{block}.{p}.weight" for p in parts]
+        names = packs.get(match[1])
+        if not names:
+            raise StageError(f"{onnx_path}: {node.name} holds none of {hf_dir}'s decoder projection weights")
         ref = np.concatenate([hf[name] for name in names]).astype(np.float32)
         bits = next(a.i for a in node.attribute if a.name == "bits")
         if {8 if name in int8 else 4 for name in names} != {bits}:

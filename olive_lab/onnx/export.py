@@ -18,7 +18,7 @@ from pathlib import Path
 
 from olive_lab.errors import StageError
 from olive_lab.files import atomic_dir, dir_size_mb, remove_outputs
-from olive_lab.int4_grid import META_FILE
+from olive_lab.int4_grid import META_FILE, read_grid
 from olive_lab.memory import require_fits
 from olive_lab.onnx.build import export_model, set_cuda_graph
 from olive_lab.onnx.grid import int8_matmuls, write_torch_grid
@@ -183,17 +183,15 @@ def torch_agreement(
 
 def grid_block_size(block_size: int, hf_dir: Path) -> int:
     """The int4 block size, warned about when it differs from the grid the quantize stage used."""
-    meta_file = hf_dir / META_FILE  # written by the quantize stage: the grid its weights sit on
-    if meta_file.exists():
-        meta = json.loads(meta_file.read_text())
-        if meta.get("group_size") != block_size or meta.get("symmetric"):
-            log.warning(
-                "%s: weights sit on a %s int4 grid of group %s; exporting asymmetric blocks of %d is not exact",
-                meta_file,
-                "symmetric" if meta.get("symmetric") else "asymmetric",
-                meta.get("group_size"),
-                block_size,
-            )
+    meta = read_grid(hf_dir)  # written by the quantize stage: the grid its weights sit on ({} without one)
+    if meta and (meta.get("group_size") != block_size or meta.get("symmetric")):
+        log.warning(
+            "%s: weights sit on a %s int4 grid of group %s; exporting asymmetric blocks of %d is not exact",
+            hf_dir / META_FILE,
+            "symmetric" if meta.get("symmetric") else "asymmetric",
+            meta.get("group_size"),
+            block_size,
+        )
     return block_size
 
 
