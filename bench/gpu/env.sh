@@ -1,7 +1,7 @@
 # Sourced by the bench/gpu/run_*.sh scripts: the environment of an offline CUDA host, and `install`.
 # The wheels come from `make wheelhouse` (.wheelhouse/) and install into $SITE, outside the host's own Python.
 SITE=${SITE:-/tmp/site}
-export PYTHONPATH="$SITE:$PWD" PYTHONUNBUFFERED=1 OLIVE_DISABLE_TELEMETRY=1 HF_HUB_OFFLINE=1
+export PYTHONPATH="$SITE:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 # onnxruntime-gpu finds CUDA and cuDNN where torch's wheels put them (also in the processes the stages spawn)
 nvidia_libs=$(python3 -c "import glob, os, nvidia; print(':'.join(sorted({d for p in nvidia.__path__ for d in glob.glob(os.path.join(p, '*', 'lib'))})))" 2>/dev/null || true)
 export LD_LIBRARY_PATH="${nvidia_libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"

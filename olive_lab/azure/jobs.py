@@ -144,7 +144,6 @@ def build_job(cloud: dict[str, Any], lock_text: str, wheels_txt: str, code: Path
         environment_variables={
             "AZURE_STORAGE_ACCOUNT": cloud["storage_account"],
             "DVC_NO_ANALYTICS": "1",
-            "OLIVE_DISABLE_TELEMETRY": "1",
         },
         tags=tags,
     )
