@@ -11,6 +11,8 @@ same run, plus what the KV cache kept across turns gives and what an adapter swi
 - ttft_turn5_over_turn1: a 5-turn conversation in the app (same message length each turn, cache kept); turn 5's time
   to first token over turn 1's, median over rounds. Turn 5 without the cache (a fresh prefill of the same history)
   is reported for scale.
+- --compare-flush-hz HZ: each round also runs the app moving text to the screen HZ times a second instead of
+  chat.app.FLUSH_HZ, reported as ui_over_engine_compared: what rendering costs the model, in the same run.
 - switch: with about 2k tokens of history, the TTFT of the next turn on the same adapter (cache extended) and after
   switching adapters (the whole history prefilled again).
 
@@ -142,6 +144,7 @@ def switch_cost(engine, history_tokens: int, adapter: str) -> dict:
 
 
 def main() -> None:
+    import chat.app as chat_app
     from chat.app import FLUSH_HZ
     from chat.engine import Engine
     from chat.widgets.messages import StreamingText
@@ -154,6 +157,12 @@ def main() -> None:
     parser.add_argument("--adapter", default="travel", help="the adapter of the switch measurement")
     parser.add_argument("--quick", action="store_true", help="smoke run: short replies, one round, small history")
     parser.add_argument("--out", type=Path, default=None, help="default: bench/results/<date>-chat.json")
+    parser.add_argument(
+        "--compare-flush-hz",
+        type=float,
+        default=None,
+        help="each round also runs the app flushing text this often (ui_over_engine_compared): what rendering costs",
+    )
     args = parser.parse_args()
     lengths = {"short": 8, "long": 24} if args.quick else {"short": 50, "long": 500}
     turn_tokens, history_tokens = (8, 300) if args.quick else (48, 2000)
@@ -166,6 +175,7 @@ def main() -> None:
     load_before = os.getloadavg()
     alone: dict[str, list[dict]] = {name: [] for name in lengths}
     in_app: dict[str, list[dict]] = {name: [] for name in lengths}
+    in_app_compared: dict[str, list[dict]] = {name: [] for name in lengths}  # --compare-flush-hz
     sessions = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
@@ -176,10 +186,21 @@ def main() -> None:
             for name in lengths:
                 in_app[name].append(session["replies"][name])
             sessions.append(session)
+            if args.compare_flush_hz:  # the same session at another flush rate, in the same round
+                chosen, chat_app.FLUSH_HZ = chat_app.FLUSH_HZ, args.compare_flush_hz
+                try:
+                    other = asyncio.run(app_session(engine, lengths, turn_tokens, Path(tmp) / f"{r}-compared"))
+                finally:
+                    chat_app.FLUSH_HZ = chosen
+                for name in lengths:
+                    in_app_compared[name].append(other["replies"][name])
             for name in lengths:
                 a, b = alone[name][-1], in_app[name][-1]
+                rate = args.compare_flush_hz
+                extra = f", app at {rate:g} Hz {in_app_compared[name][-1]['tok_s']:.1f}" if rate else ""
                 print(
-                    f"round {r + 1} {name}: engine {a['tok_s']:.1f} tok/s, app {b['tok_s']:.1f} ({b['new_tokens']} tokens)"
+                    f"round {r + 1} {name}: engine {a['tok_s']:.1f} tok/s, app {b['tok_s']:.1f}{extra} "
+                    f"({b['new_tokens']} tokens)"
                 )
             print(f"round {r + 1} ttft by turn (ms): {[round(t['ttft_s'] * 1000) for t in session['turns']]}")
     # turn 5 again without the cache: the same history prefilled from scratch
@@ -193,7 +214,12 @@ def main() -> None:
         "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "model": str(args.model),
         "rounds": rounds,
-        "ui": {"flush_hz": FLUSH_HZ, "tail_rows": StreamingText.TAIL_ROWS, "size": [120, 40]},
+        "ui": {
+            "flush_hz": FLUSH_HZ,
+            "tail_rows": StreamingText.TAIL_ROWS,
+            "size": [120, 40],
+            "compared_flush_hz": args.compare_flush_hz,
+        },
         "ui_over_engine": {
             f"{name}_{lengths[name]}_tokens": median([b["tok_s"] for b in in_app[name]])
             / median([a["tok_s"] for a in alone[name]])
@@ -218,8 +244,15 @@ def main() -> None:
         "ttft_turn5_without_cache_ms": round(turn5_fresh["ttft_s"] * 1000, 1),
         "switch": switch,
     }
-    for key in ("ui_over_engine", "ui_over_engine_wall"):
-        result[key] = {k: round(v, 3) for k, v in result[key].items()}
+    if args.compare_flush_hz:
+        result["ui_over_engine_compared"] = {
+            f"{name}_{lengths[name]}_tokens": median([b["tok_s"] for b in in_app_compared[name]])
+            / median([a["tok_s"] for a in alone[name]])
+            for name in lengths
+        }
+    for key in ("ui_over_engine", "ui_over_engine_wall", "ui_over_engine_compared"):
+        if key in result:
+            result[key] = {k: round(v, 3) for k, v in result[key].items()}
     print(json.dumps(result, indent=2))
     out = args.out or (None if args.quick else ROOT / "bench/results" / f"{result['date']}-chat.json")
     if out is None:

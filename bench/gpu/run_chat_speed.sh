@@ -5,7 +5,7 @@
 #
 # Prepare where there is internet, from the repository root:  make wheelhouse gpu-tokenizer
 # plus the chat's wheels (Textual and its dependencies, versions from requirements.lock) in .wheelhouse/, then copy
-# the repository to the GPU host and, from its root:  bash bench/gpu/run_chat_speed.sh [ROUNDS]
+# the repository to the GPU host and, from its root:  bash bench/gpu/run_chat_speed.sh [ROUNDS [--compare-flush-hz HZ]]
 # About 3 minutes on one H200 with 3 rounds (the build 25 s); WORK=/tmp/cuda_lora as for run_cuda_lora.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -14,4 +14,4 @@ WORK=${WORK:-/tmp/cuda_lora}
 install
 python3 -c "import textual" 2>/dev/null || { echo "Textual is not installed: add its wheels to .wheelhouse/" >&2; exit 2; }
 python3 -m bench.cuda_lora build --size default --work "$WORK"
-python3 -m bench.chat_speed --device cuda --rounds "${1:-3}" --model "$WORK/default/resident" --adapter a
+python3 -m bench.chat_speed --device cuda --rounds "${1:-3}" --model "$WORK/default/resident" --adapter a "${@:2}"
