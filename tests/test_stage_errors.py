@@ -190,6 +190,8 @@ def test_evaluate_names_the_bad_line_of_the_ood_file(tmp_path):
 
 BAD = [
     ("base", {"model": tiny_model(hidden_size="big")}, "params.yaml: model.arch: "),
+    ("base", {"model__source": DELETE}, "params.yaml: missing key 'model.source'"),
+    ("data", {"data__seed": DELETE}, "params.yaml: missing key 'data.seed'"),
     ("data", {"data__eval_fraction": 1.5}, "params.yaml: data.eval_fraction must be a number between 0 and 1, not 1.5"),
     ("data", {"data__seed": "forty-two"}, "params.yaml: data.seed must be an integer >= 0, not 'forty-two'"),
     ("quantize", {"quantize__n_grid": "x"}, "params.yaml: quantize.n_grid must be a positive integer, not 'x'"),
@@ -199,6 +201,16 @@ BAD = [
         "params.yaml: quantize.method must be one of awq, gptq, awq+gptq, rtn, not 'hqq'",
     ),
     ("quantize", {"quantize__n_grid": DELETE}, "params.yaml: missing key 'quantize.n_grid'"),
+    (
+        "quantize",
+        {"quantize__int8_layers": "most"},
+        "params.yaml: quantize.int8_layers must be 'sensitive', a list of layer indices or null, not 'most'",
+    ),
+    (
+        "quantize",
+        {"quantize__int8_modules": "v_proj"},
+        "params.yaml: quantize.int8_modules must be a list of module names, not 'v_proj'",
+    ),
     (
         "finetune",
         {"finetune__learning_rate": "1e-3"},
@@ -230,6 +242,7 @@ BAD = [
         {"optimize__cuda_graph": "yes please"},
         "params.yaml: optimize.cuda_graph must be true or false, not 'yes please'",
     ),
+    ("optimize", {"optimize__lm_head": DELETE}, "params.yaml: missing key 'optimize.lm_head'"),
     (
         "evaluate",
         {"evaluate__max_new_tokens": 0},
