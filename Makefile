@@ -52,10 +52,9 @@ deps:  ## rewrite dvc.yaml's code deps from what each stage imports (tests/test_
 repro:  ## run the whole pipeline (exits 130 after Ctrl+C, 143 after SIGTERM: tools/repro.py)
 	$(BIN)/python -m tools.repro
 
-# the columns that compare experiments (dvc exp show prints about 250): fits a 120-column terminal
-EXP_COLUMNS = ^(Experiment|Created|model\.name|quantize\.method|quantize\.int8_layers|ppl_over_fp32|onnx\.decode_tok_s|onnx\+travel\.travel_loss|onnx\+trip_json\.field_accuracy)$$
-exps:  ## dvc exp show, key columns only (quantize method, perplexity ratio, decode speed, adapter quality)
-	$(BIN)/dvc exp show --no-pager --drop '.*' --keep '$(EXP_COLUMNS)'
+EXP_ARGS ?=
+exps:  ## the experiments side by side in their key columns (quantize method, ppl/fp32, adapter quality, speed): tools/exps.py
+	$(BIN)/python -m tools.exps $(EXP_ARGS)
 
 chat:  ## open the terminal chat on the ONNX model
 	$(BIN)/python -m chat
