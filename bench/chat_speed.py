@@ -145,7 +145,6 @@ def switch_cost(engine, history_tokens: int, adapter: str) -> dict:
 
 def main() -> None:
     import chat.app as chat_app
-    from chat.app import FLUSH_HZ
     from chat.engine import Engine
     from chat.widgets.messages import StreamingText
     from olive_lab.decode import cpu_name
@@ -215,7 +214,7 @@ def main() -> None:
         "model": str(args.model),
         "rounds": rounds,
         "ui": {
-            "flush_hz": FLUSH_HZ,
+            "flush_hz": chat_app.FLUSH_HZ,
             "tail_rows": StreamingText.TAIL_ROWS,
             "size": [120, 40],
             "compared_flush_hz": args.compare_flush_hz,
