@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # dvc.yaml's stage commands call `python`: make it the venv's for every target (repro, push, pull, ...)
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: help setup lock params deps repro exps chat test test-fast lint format clean bench-chat bench-chat-speed bench-lora bench-setup bench-cpu \
+.PHONY: help setup lock params deps repro exps chat test test-fast lint format clean bench-chat bench-chat-speed bench-lora bench-setup bench-cpu bench-scaling \
         remote-up remote-down push pull wheelhouse gpu-tokenizer cloud
 
 help:  ## list the targets
@@ -103,6 +103,9 @@ bench-setup:  ## llama-cpp-python for bench-cpu, built from PyPI's sdist (9-45 m
 
 bench-cpu:  ## decode/TTFT: ORT GenAI (models/onnx, +adapter) vs llama.cpp Q4_0/Q4_1 (+the same adapter) vs the bandwidth bound
 	$(BIN)/python -m bench.cpu_vs_llama
+
+bench-scaling:  ## decode/prefill by model size (random 135M-3.8B Llamas): ORT GenAI int4 vs llama.cpp Q4_0, +/- adapter, vs the bound
+	$(BIN)/python -m bench.scaling
 
 wheelhouse:  ## Python 3.12 wheels for an offline CUDA host (bench/gpu/wheels.txt) into .wheelhouse/
 	grep -v '^#' bench/gpu/wheels.txt | xargs $(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 \

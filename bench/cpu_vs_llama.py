@@ -40,6 +40,7 @@ from olive_lab.decode import (
     set_threads,
 )
 from olive_lab.decode import model_peak_rss_mb as peak_rss_mb
+from olive_lab.gguf_export import lora_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,54 +77,6 @@ def requantize(src: Path, dst: Path, ftype_name: str) -> Path:
     if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params) != 0:
         raise SystemExit(f"llama.cpp could not quantize {src} to {ftype_name}")
     tmp.rename(dst)
-    return dst
-
-
-# llama.cpp's tensor names for the HF projections, and the heads its converter permutes q/k rows by (rotary layout).
-GGUF_PROJ = {
-    "q_proj": "attn_q",
-    "k_proj": "attn_k",
-    "v_proj": "attn_v",
-    "o_proj": "attn_output",
-    "gate_proj": "ffn_gate",
-    "up_proj": "ffn_up",
-    "down_proj": "ffn_down",
-}
-
-
-def lora_gguf(adapter_dir: Path, hf_config: dict, dst: Path) -> Path:
-    """A PEFT LoRA folder as a llama.cpp LoRA GGUF (f16, what llama.cpp's convert_lora_to_gguf.py writes by default).
-
-    lora_a keeps PEFT's [r, in] and lora_b its [out, r] (numpy order); llama.cpp scales by alpha / r itself. The
-    output rows of q_proj and k_proj are permuted the way llama.cpp's HF converter permutes those weights.
-    """
-    import re
-
-    import gguf
-    import numpy as np
-    from safetensors.numpy import load_file
-
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    heads, kv_heads = hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
-
-    def permute(b: np.ndarray, n_head: int) -> np.ndarray:
-        return b.reshape(n_head, 2, b.shape[0] // n_head // 2, *b.shape[1:]).swapaxes(1, 2).reshape(b.shape)
-
-    writer = gguf.GGUFWriter(str(dst), arch="llama")
-    writer.add_string(gguf.Keys.General.TYPE, gguf.GGUFType.ADAPTER)
-    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(config["lora_alpha"]))
-    pattern = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight$")
-    for key, value in sorted(load_file(str(adapter_dir / "adapter_model.safetensors")).items()):
-        layer, proj, side = pattern.search(key).groups()
-        if side == "B" and proj in ("q_proj", "k_proj"):
-            value = permute(value, heads if proj == "q_proj" else kv_heads)
-        name = f"blk.{layer}.{GGUF_PROJ[proj]}.weight.lora_{side.lower()}"
-        writer.add_tensor(name, np.ascontiguousarray(value.astype(np.float16)))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
     return dst
 
 

@@ -4,6 +4,8 @@ two adapters, for every multi-LoRA layout, at the default model's size and at Ph
     python -m bench.cuda_lora build   --size default|phi35 [--work DIR]   # random weights, 2 random adapters, ONNX
     python -m bench.cuda_lora measure --size default|phi35 [--work DIR]   # ORT GenAI per layout, torch eager
     python -m bench.cuda_lora report  [--work DIR] [--out FILE]           # bench/results/<date>-cuda-lora.json
+    python -m bench.cuda_lora build|measure --size phi35 --block-size 128 --layouts plain,resident --no-torch
+    python -m bench.cuda_lora scale-report [--work DIR]                   # bench/results/<date>-cuda-scale.json
 
 Decode speed does not depend on the weights' values, so the models are random (olive_lab.base_model's `random`
 source) in the default model's shape (SmolLM2-135M, Llama) and in Phi-3.5-mini's (conf/model/phi35_mini_shape.yaml),
@@ -13,7 +15,8 @@ layouts are graph edits of that one build, sharing its weights file:
 - `plain`: no LoRA at all (LongRoPE as a Where, CUDA graph on): the ceiling;
 - `branches`: today's layout, adapters in .onnx_adapter files (ORT GenAI copies them to the GPU at every step);
 - `resident`: the adapters stacked in the model, the files hold an index (olive_lab.onnx.lora.make_resident).
-Per layout and adapter: TTFT and decode tok/s (medians of 5 runs of 128 tokens), the greedy tokens, and whether a
+`--block-size` builds with another int4 block than the config's group size (its own folder, <size>-b<N>), for
+the perf-scale issue's share of the bandwidth bound by block size (`scale-report`). Per layout and adapter: TTFT and decode tok/s (medians of 5 runs of 128 tokens), the greedy tokens, and whether a
 switching order gives the same tokens again (a captured CUDA graph that kept the old adapter would not).
 `share_of_bound`: the bytes one decoding step must read (every weight but the embedding table) over the device
 bandwidth measured in the same run (a large device-to-device copy), against the measured step time.
@@ -94,7 +97,12 @@ def lora_variant(plain: Path, out: Path, layout: str, hf_dir: Path, peft: dict[s
     return out
 
 
-def build(size: str, work: Path, tokenizer_dir: str | None) -> None:
+def size_root(work: Path, size: str, block_size: int | None) -> Path:
+    return work / (size if block_size is None else f"{size}-b{block_size}")
+
+
+def build(size: str, work: Path, tokenizer_dir: str | None, block_size: int | None = None,
+          layouts: tuple[str, ...] = ("branches_if", "plain", "branches", "resident")) -> None:  # fmt: skip
     from olive_lab.base_model import materialize
     from olive_lab.lora import random_adapter
     from olive_lab.onnx.build import export_model, set_cuda_graph
@@ -102,27 +110,31 @@ def build(size: str, work: Path, tokenizer_dir: str | None) -> None:
     from olive_lab.onnx.rope import capturable_longrope
 
     conf = model_conf(size, tokenizer_dir)
-    root = work / size
-    base = root / "base"
+    root = size_root(work, size, block_size)
+    base = work / size / "base"  # one set of random weights per size, whatever the block
     timings = {}
     start = time.time()
     if not (base / "config.json").exists():
         materialize(conf, base)
     timings["base_s"] = round(time.time() - start, 1)
     peft = {
-        name: random_adapter(base, root / "peft" / name, seed=i, r=RANK, target_modules=conf["lora_targets"])
+        name: work / size / "peft" / name
+        if (work / size / "peft" / name / "adapter_config.json").exists()
+        else random_adapter(base, work / size / "peft" / name, seed=i, r=RANK, target_modules=conf["lora_targets"])
         for i, name in enumerate(ADAPTERS)
     }
     start = time.time()
     builder = root / "builder" / "model"
     if not (builder / "genai_config.json").exists():
-        export_model(base, builder, precision="int4", block_size=conf["group_size"], accuracy_level=4,
+        export_model(base, builder, precision="int4", block_size=block_size or conf["group_size"], accuracy_level=4,
                      execution_provider="cuda", lm_head="int8")  # fmt: skip
     timings["builder_s"] = round(time.time() - start, 1)
     hf_config = json.loads((base / "config.json").read_text())
     # the builder's graph as the optimize stage left it before the Where: the If (if any) keeps CUDA graphs off
-    variants = {"branches_if": lora_variant(builder, root / "branches_if", "branches", base, peft)}
-    set_cuda_graph(variants["branches_if"] / "model", not control_flow_nodes(builder / "model.onnx"))
+    variants = {}
+    if "branches_if" in layouts:
+        variants["branches_if"] = lora_variant(builder, root / "branches_if", "branches", base, peft)
+        set_cuda_graph(variants["branches_if"] / "model", not control_flow_nodes(builder / "model.onnx"))
     shutil.rmtree(root / "where", ignore_errors=True)
     where = variant_folder(builder, root / "where" / "model")
     original = hf_config.get("original_max_position_embeddings")
@@ -130,12 +142,14 @@ def build(size: str, work: Path, tokenizer_dir: str | None) -> None:
     set_cuda_graph(where, True)
     variants["plain"] = where.parent
     for layout in ("branches", "resident"):
-        variants[layout] = lora_variant(where, root / layout, layout, base, peft)
-        set_cuda_graph(variants[layout] / "model", True)
-    if not rope_rewritten:  # nothing to compare: the builder's graph has no If
+        if layout in layouts:
+            variants[layout] = lora_variant(where, root / layout, layout, base, peft)
+            set_cuda_graph(variants[layout] / "model", True)
+    if not rope_rewritten and "branches_if" in variants:  # nothing to compare: the builder's graph has no If
         shutil.rmtree(variants.pop("branches_if"))
-    state = {"conf": conf["name"], "base": str(base), "peft": {k: str(v) for k, v in peft.items()},
-             "variants": {k: str(v) for k, v in variants.items()}, "timings": timings}  # fmt: skip
+    state = {"conf": conf["name"], "block_size": block_size or conf["group_size"], "base": str(base),
+             "peft": {k: str(v) for k, v in peft.items()}, "variants": {k: str(v) for k, v in variants.items()},
+             "timings": timings}  # fmt: skip
     (root / "state.json").write_text(json.dumps(state, indent=2))
     print(json.dumps(state, indent=2), flush=True)
 
@@ -172,13 +186,13 @@ def device_bandwidth_gbs() -> float:
     return round(2 * (4 << 30) / best / 1e9, 1)
 
 
-def measure(size: str, work: Path) -> None:
+def measure(size: str, work: Path, block_size: int | None = None, with_torch: bool = True) -> None:
     import torch  # noqa: F401  (first: onnxruntime-gpu finds the CUDA libraries torch brings)
     from transformers import AutoTokenizer
 
     from olive_lab.lm import prompt_text
 
-    root = work / size
+    root = size_root(work, size, block_size)
     state = json.loads((root / "state.json").read_text())
     tok = AutoTokenizer.from_pretrained(state["base"])
     ids = tok(prompt_text(tok, SPEED_PROMPT), add_special_tokens=False).input_ids
@@ -189,8 +203,10 @@ def measure(size: str, work: Path) -> None:
         result["ort"][name] = ort_genai(Path(folder), ids, names)
         speeds = {k: (v["decode_tok_s"], v["ttft_ms"]) for k, v in result["ort"][name].items() if isinstance(v, dict)}
         print(name, speeds, "switching ok:", result["ort"][name].get("switching_gives_same_tokens"), flush=True)
-    result["torch_eager_bf16"]["base"] = torch_eager(state["base"], ids)
-    result["torch_eager_bf16"]["a"] = torch_eager(state["base"], ids, Path(state["peft"]["a"]))
+    result["block_size"] = state.get("block_size")
+    if with_torch:
+        result["torch_eager_bf16"]["base"] = torch_eager(state["base"], ids)
+        result["torch_eager_bf16"]["a"] = torch_eager(state["base"], ids, Path(state["peft"]["a"]))
     print("torch eager", result["torch_eager_bf16"], flush=True)
     (root / "measured.json").write_text(json.dumps(result, indent=2))
 
@@ -207,9 +223,10 @@ def summarize(size: str, measured: dict) -> dict:
     bound = measured["bandwidth_gbs"] * 1e9 / measured["bytes_per_step"]
     summary["bound_tok_s"] = round(bound, 1)
     summary["share_of_bound"] = {layout: round(ort[layout]["base"]["decode_tok_s"] / bound, 3) for layout in ort}
-    torch_base = measured["torch_eager_bf16"]["base"]["decode_tok_s"]
-    summary["torch_eager_bf16"] = measured["torch_eager_bf16"]
-    summary["ort_over_torch"] = {layout: round(ort[layout]["base"]["decode_tok_s"] / torch_base, 2) for layout in ort}
+    if measured["torch_eager_bf16"]:
+        torch_base = measured["torch_eager_bf16"]["base"]["decode_tok_s"]
+        summary["torch_eager_bf16"] = measured["torch_eager_bf16"]
+        summary["ort_over_torch"] = {k: round(ort[k]["base"]["decode_tok_s"] / torch_base, 2) for k in ort}
     branches, resident = ort.get("branches", {}), ort.get("resident", {})
     summary["same_greedy_tokens"] = {
         name: branches[name]["tokens"] == resident[name]["tokens"]
@@ -256,20 +273,64 @@ def report(work: Path, out: Path) -> None:
     print(json.dumps({k: v for k, v in result.items() if k != "sizes"}, indent=2))
 
 
+def scale_report(work: Path, out: Path) -> None:
+    """bench/results/<date>-cuda-scale.json: at the 3.8B shape, decode speed and share of the bandwidth bound per
+    int4 block size (every `phi35*` folder measured), no adapter and with one."""
+    import torch
+
+    blocks = {}
+    for path in sorted(work.glob("phi35*/measured.json")):
+        measured = json.loads(path.read_text())
+        s = summarize("phi35", measured)
+        block = measured.get("block_size") or json.loads((path.parent / "state.json").read_text()).get("block_size", 32)
+        blocks[str(block)] = {
+            "share_of_bound": s["share_of_bound"],
+            "decode_tok_s": s["decode_tok_s"],
+            "ttft_ms": s["ttft_ms"],
+            "adapter_cost": s["adapter_cost"],
+            "bound_tok_s": s["bound_tok_s"],
+            "bytes_per_step_gb": s["bytes_per_step_gb"],
+            "bandwidth_gbs": s["bandwidth_gbs"],
+        }
+    if not blocks:
+        raise SystemExit(f"{work}: no phi35 size measured yet (run `measure --size phi35` first)")
+    best = max(blocks, key=lambda b: blocks[b]["share_of_bound"]["plain"])
+    result = {
+        "date": str(date.today()),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "model": "phi35_mini_shape (random weights, int4, CUDA graphs)",
+        "new_tokens": NEW_TOKENS,
+        "rounds": ROUNDS,
+        # the issue's key: the best block's share, no adapter, for the plain model and for the pipeline's layout
+        "share_of_bound": {"block_size": int(best), **blocks[best]["share_of_bound"]},
+        "goal_share_of_bound": 0.30,
+        "blocks": blocks,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("step", choices=("build", "measure", "report"))
+    parser.add_argument("step", choices=("build", "measure", "report", "scale-report"))
     parser.add_argument("--size", choices=("default", "phi35"), default="default")
     parser.add_argument("--work", type=Path, default=Path("/tmp/cuda_lora"))
     parser.add_argument("--tokenizer-dir", default=".gpu/tokenizer", help="borrowed tokenizer folder ('' for the GGUF)")
-    parser.add_argument("--out", type=Path, default=Path(f"bench/results/{date.today()}-cuda-lora.json"))
+    parser.add_argument("--block-size", type=int, default=None, help="int4 block (default: the config's group size)")
+    parser.add_argument("--layouts", default="branches_if,plain,branches,resident", help="variants to build")
+    parser.add_argument("--no-torch", action="store_true", help="measure: skip torch eager")
+    parser.add_argument("--out", type=Path, default=None, help="default: bench/results/<date>-cuda-lora.json "
+                        "(scale-report: <date>-cuda-scale.json)")  # fmt: skip
     args = parser.parse_args()
     if args.step == "build":
-        build(args.size, args.work, args.tokenizer_dir or None)
+        build(args.size, args.work, args.tokenizer_dir or None, args.block_size, tuple(args.layouts.split(",")))
     elif args.step == "measure":
-        measure(args.size, args.work)
+        measure(args.size, args.work, args.block_size, not args.no_torch)
+    elif args.step == "report":
+        report(args.work, args.out or Path(f"bench/results/{date.today()}-cuda-lora.json"))
     else:
-        report(args.work, args.out)
+        scale_report(args.work, args.out or Path(f"bench/results/{date.today()}-cuda-scale.json"))
 
 
 if __name__ == "__main__":
