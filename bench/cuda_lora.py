@@ -5,6 +5,7 @@ two adapters, for every multi-LoRA layout, at the default model's size and at Ph
     python -m bench.cuda_lora measure --size default|phi35 [--work DIR]   # ORT GenAI per layout, torch eager
     python -m bench.cuda_lora report  [--work DIR] [--out FILE]           # bench/results/<date>-cuda-lora.json
     python -m bench.cuda_lora build|measure --size phi35 --block-size 128 --layouts plain,resident --no-torch
+    python -m bench.cuda_lora profile --size phi35 [--block-size N]        # GPU kernel time per token (CUPTI)
     python -m bench.cuda_lora scale-report [--work DIR]                   # bench/results/<date>-cuda-scale.json
 
 Decode speed does not depend on the weights' values, so the models are random (olive_lab.base_model's `random`
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -211,6 +213,74 @@ def measure(size: str, work: Path, block_size: int | None = None, with_torch: bo
     (root / "measured.json").write_text(json.dumps(result, indent=2))
 
 
+def kernel_profile(model_dir: Path, ids: list[int], adapter: str | None, steps: int = 64) -> dict:
+    """Where a decoding step's GPU time goes: CUPTI (through torch.profiler, which records every kernel in the
+    process, ORT's included, captured CUDA graphs too) over `steps` tokens after the prompt. Per kernel name: device
+    microseconds per token (top 12, the rest summed); all kernels; and the wall time per token, whose excess over
+    the kernels is time the GPU sits idle (launches, host work between steps)."""
+    from collections import defaultdict
+
+    import onnxruntime_genai as og
+    from torch.profiler import ProfilerActivity, profile
+
+    model = og.Model(str(model_dir / "model"))
+    adapters = og.Adapters(model)
+    if adapter:
+        adapters.load(str(model_dir / "adapters" / f"{adapter}.onnx_adapter"), adapter)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + steps + 40, do_sample=False)
+    gen = og.Generator(model, params)
+    if adapter:
+        gen.set_active_adapter(adapters, adapter)
+    gen.append_tokens(ids)
+    for _ in range(32):  # past graph capture and warm-up
+        gen.generate_next_token()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            gen.generate_next_token()
+            gen.get_next_tokens()  # the token reaches the host, as in decoding
+        wall = time.perf_counter() - start
+    trace_file = Path(tempfile.mkdtemp(prefix="kernels-")) / "trace.json"
+    prof.export_chrome_trace(str(trace_file))  # the device-side events as CUPTI gave them, whoever launched them
+    device_events = [e for e in json.loads(trace_file.read_text())["traceEvents"]
+                     if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]  # fmt: skip
+    shutil.rmtree(trace_file.parent, ignore_errors=True)
+    by_kernel: dict[str, float] = defaultdict(float)
+    for event in device_events:
+        by_kernel[event["name"][:120]] += event.get("dur", 0) / steps
+    ranked = sorted(by_kernel.items(), key=lambda kv: -kv[1])
+    top = {name: round(us, 1) for name, us in ranked[:12]}
+    top["(other kernels)"] = round(sum(us for _, us in ranked[12:]), 1)
+    kernels = sum(by_kernel.values())
+    return {
+        "wall_us_per_token": round(wall / steps * 1e6, 1),
+        "kernel_us_per_token": round(kernels, 1),
+        "gpu_idle_share": round(max(0.0, 1 - kernels / (wall / steps * 1e6)), 3),
+        "kernels_per_token": round(len(device_events) / steps, 1),
+        "kernel_us_by_name": top,
+    }
+
+
+def profile_step(size: str, work: Path, block_size: int | None) -> None:
+    import torch  # noqa: F401  (first: onnxruntime-gpu finds the CUDA libraries torch brings)
+    from transformers import AutoTokenizer
+
+    from olive_lab.lm import prompt_text
+
+    root = size_root(work, size, block_size)
+    state = json.loads((root / "state.json").read_text())
+    tok = AutoTokenizer.from_pretrained(state["base"])
+    ids = tok(prompt_text(tok, SPEED_PROMPT), add_special_tokens=False).input_ids
+    result = {}
+    for name, folder in state["variants"].items():
+        for adapter in [None] if name == "plain" else [None, ADAPTERS[0]]:
+            key = f"{name}/{adapter or 'base'}"
+            result[key] = kernel_profile(Path(folder), ids, adapter)
+            print(key, {k: v for k, v in result[key].items() if k != "kernel_us_by_name"}, flush=True)
+    (root / "profile.json").write_text(json.dumps(result, indent=2))
+
+
 def summarize(size: str, measured: dict) -> dict:
     ort = measured["ort"]
     summary: dict = {"decode_tok_s": {}, "ttft_ms": {}, "adapter_cost": {}}
@@ -283,6 +353,7 @@ def scale_report(work: Path, out: Path) -> None:
         measured = json.loads(path.read_text())
         s = summarize("phi35", measured)
         block = measured.get("block_size") or json.loads((path.parent / "state.json").read_text()).get("block_size", 32)
+        profile_file = path.parent / "profile.json"
         blocks[str(block)] = {
             "share_of_bound": s["share_of_bound"],
             "decode_tok_s": s["decode_tok_s"],
@@ -291,6 +362,7 @@ def scale_report(work: Path, out: Path) -> None:
             "bound_tok_s": s["bound_tok_s"],
             "bytes_per_step_gb": s["bytes_per_step_gb"],
             "bandwidth_gbs": s["bandwidth_gbs"],
+            **({"profile": json.loads(profile_file.read_text())} if profile_file.exists() else {}),
         }
     if not blocks:
         raise SystemExit(f"{work}: no phi35 size measured yet (run `measure --size phi35` first)")
@@ -303,6 +375,7 @@ def scale_report(work: Path, out: Path) -> None:
         "rounds": ROUNDS,
         # the issue's key: the best block's share, no adapter, for the plain model and for the pipeline's layout
         "share_of_bound": {"block_size": int(best), **blocks[best]["share_of_bound"]},
+        "fastest_block": max(blocks, key=lambda b: blocks[b]["decode_tok_s"]["plain"]["base"]),
         "goal_share_of_bound": 0.30,
         "blocks": blocks,
     }
@@ -313,7 +386,7 @@ def scale_report(work: Path, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("step", choices=("build", "measure", "report", "scale-report"))
+    parser.add_argument("step", choices=("build", "measure", "profile", "report", "scale-report"))
     parser.add_argument("--size", choices=("default", "phi35"), default="default")
     parser.add_argument("--work", type=Path, default=Path("/tmp/cuda_lora"))
     parser.add_argument("--tokenizer-dir", default=".gpu/tokenizer", help="borrowed tokenizer folder ('' for the GGUF)")
@@ -327,6 +400,8 @@ def main() -> None:
         build(args.size, args.work, args.tokenizer_dir or None, args.block_size, tuple(args.layouts.split(",")))
     elif args.step == "measure":
         measure(args.size, args.work, args.block_size, not args.no_torch)
+    elif args.step == "profile":
+        profile_step(args.size, args.work, args.block_size)
     elif args.step == "report":
         report(args.work, args.out or Path(f"bench/results/{date.today()}-cuda-lora.json"))
     else:

@@ -16,10 +16,13 @@ cached under --work. Measuring starts only after every build is done, one size a
 (the order flips each round) and the same 95-token prompt; 128 tokens decoded greedily without stopping.
 
 Per variant: decode tok/s, TTFT and prefill tok/s (prompt tokens / TTFT), peak RSS of a fresh process that loads
-the model and decodes, and the share of the bandwidth bound: copy bandwidth (read + write) / the bytes one decoding
+the model and decodes, and the share of the bandwidth bound: copy bandwidth (read + write; the best of readings
+before, between and after the rounds) / the bytes one decoding
 step reads (weights but the embedding table, which is one row unless it is also the output matrix; the adapter; the
 KV cache at the mean context length, fp32 in ORT and f16 in llama.cpp). For ORT, also ORT's own per-op profile of a
-decode step. Writes bench/results/<date>-scaling.json and prints the README's mermaid chart.
+decode step. That both engines run the same model and the same adapter: the cosine of their last-position logits,
+and of the adapter's change to them, with fp32 torch + PEFT's. Writes bench/results/<date>-scaling.json and prints
+the README's mermaid chart.
 """
 
 from __future__ import annotations
@@ -165,10 +168,74 @@ def llama_peak_rss_mb(path: Path, lora: Path | None, threads: int) -> float:
     return round(int(out.stdout.split()[-1]) / 1024, 1)
 
 
-def decode_rounds(state: dict, ids: list[int], scratch: Path, threads: int, rounds: int, new_tokens: int):
-    """Every variant's token timestamps per round (interleaved, the order flipping each round), and how far
-    llama.cpp's greedy tokens with and without the LoRA follow ORT's with the adapter (it applies the LoRA if the
-    first is higher). The models are freed on return."""
+def last_logits_ort(model, adapters, ids: list[int], adapter: str | None):
+    import numpy as np
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 1)
+    gen = og.Generator(model, params)
+    if adapter:
+        gen.set_active_adapter(adapters, adapter)
+    gen.append_tokens(ids)
+    logits = np.asarray(gen.get_output("logits"), np.float32)
+    return logits.reshape(-1, logits.shape[-1])[-1]
+
+
+def last_logits_llama(llm, ids: list[int]):
+    """llama.cpp's logits for the prompt's last position (llama-cpp-python keeps them only in the C context
+    unless logits_all)."""
+    import ctypes
+
+    import numpy as np
+
+    llm.reset()
+    llm.eval(ids)
+    pointer = llm._ctx.get_logits_ith(-1)  # noqa: SLF001 - the public API offers no logits without logits_all
+    return np.ctypeslib.as_array(ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(llm.n_vocab(),)).copy()
+
+
+def torch_last_logits(base: Path, peft_dir: Path, ids: list[int]) -> tuple:
+    """The fp32 reference: the prompt's last-position logits of the HF model without and with the PEFT adapter."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    with torch.no_grad():
+        plain = model(torch.tensor([ids])).logits[0, -1].numpy()
+        adapted = PeftModel.from_pretrained(model, str(peft_dir))(torch.tensor([ids])).logits[0, -1].numpy()
+    return plain, adapted
+
+
+def cosine(a, b) -> float:
+    import numpy as np
+
+    return round(float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12)), 3)
+
+
+def same_model_checks(reference: tuple, model, adapters, llamas: dict, ids: list[int]) -> dict:
+    """That both engines run the same model and apply the same adapter: the cosine of each engine's last-position
+    logits with fp32 torch's, and of the change the adapter makes to them with the change it makes in torch + PEFT.
+    Greedy tokens cannot show it on random weights, whose nearly flat logits let int4 and Q4_0 rounding pick
+    different tokens within a few steps; both engines should come out alike (an ignored or mis-laid adapter gives
+    a cosine near 0)."""
+    plain, adapted = reference
+    ort = {a: last_logits_ort(model, adapters, ids, a) for a in (None, "adapter")}
+    cpp = {v: last_logits_llama(llamas[v], ids) for v in ("llama_q4_0", "llama_q4_0_adapter")}
+    return {
+        "logits_cosine_with_torch": {"ort": cosine(plain, ort[None]), "llama": cosine(plain, cpp["llama_q4_0"])},
+        "adapter_delta_cosine_with_torch_peft": {
+            "ort": cosine(adapted - plain, ort["adapter"] - ort[None]),
+            "llama": cosine(adapted - plain, cpp["llama_q4_0_adapter"] - cpp["llama_q4_0"]),
+        },
+    }
+
+
+def decode_rounds(state: dict, ids: list[int], scratch: Path, threads: int, rounds: int, new_tokens: int,
+                  reference: tuple):  # fmt: skip
+    """Every variant's token timestamps per round (interleaved, the order flipping each round), and the checks that
+    both engines run the same adapter on the same model. The models are freed on return."""
     import onnxruntime_genai as og
 
     from olive_lab.decode import set_threads
@@ -188,17 +255,25 @@ def decode_rounds(state: dict, ids: list[int], scratch: Path, threads: int, roun
         return ort_greedy(model, adapters, ids, "adapter" if variant == "ort_adapter" else None, n, exact=True)
 
     tokens = {v: once(v, 32)[0] for v in VARIANTS}  # also the warm-up: first runs allocate and pre-pack
-    follows = {v: agreement(tokens[v], tokens["ort_adapter"]) for v in ("llama_q4_0", "llama_q4_0_adapter")}
+    checks = {
+        **same_model_checks(reference, model, adapters, llamas, ids),
+        "llama_adapter_changes_tokens": tokens["llama_q4_0_adapter"] != tokens["llama_q4_0"],
+        "greedy_agreement_llama_vs_ort_32_tokens": agreement(tokens["llama_q4_0"], tokens["ort_base"]),
+    }
     runs: dict[str, list[list[float]]] = {v: [] for v in VARIANTS}
+    # The bound's bandwidth is measured between rounds too and the best reading kept: on a shared host one reading
+    # can land in a busy moment (17.6 to 40 GB/s were seen on one host), which would flatter every share of it.
+    checks["copy_bandwidth_gb_s_readings"] = [round(copy_bandwidth_gb_s(threads, repeats=3), 1)]
     for r in range(rounds):
         for v in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
             runs[v].append(once(v, new_tokens)[1])
+        checks["copy_bandwidth_gb_s_readings"].append(round(copy_bandwidth_gb_s(threads, repeats=3), 1))
         print(
             f"[{size}] round {r + 1}/{rounds}: "
             + "  ".join(f"{v} {(len(runs[v][-1]) - 1) / (runs[v][-1][-1] - runs[v][-1][0]):.1f}" for v in VARIANTS),
             flush=True,
         )
-    return runs, follows
+    return runs, checks
 
 
 def measure(state: dict, threads: int, rounds: int, new_tokens: int, profile: bool) -> dict:
@@ -215,11 +290,13 @@ def measure(state: dict, threads: int, rounds: int, new_tokens: int, profile: bo
     ids = tok(prompt_text(tok, SPEED_PROMPT), add_special_tokens=False).input_ids
     scratch = Path(tempfile.mkdtemp(prefix="bench-scaling-"))
     adapter_file = onnx_dir / "adapters" / "adapter.onnx_adapter"
-    runs, follows = decode_rounds(state, ids, scratch, threads, rounds, new_tokens)
+    reference = torch_last_logits(base, Path(state["base"]).parent / "peft", ids)  # before the engines load
+    runs, checks = decode_rounds(state, ids, scratch, threads, rounds, new_tokens, reference)
     speed = {v: summary(s) for v, s in runs.items()}
     decode = {v: s["decode_tok_s"]["median"] for v, s in speed.items()}
     ttft = {v: s["ttft_ms"]["median"] for v, s in speed.items()}
-    bandwidth = copy_bandwidth_gb_s(threads)
+    readings = checks.pop("copy_bandwidth_gb_s_readings")
+    bandwidth = max(copy_bandwidth_gb_s(threads), *readings)
     context = len(ids) + new_tokens // 2
     read = {
         "ort_base": bytes_per_token(onnx_dir / "model", None, context),
@@ -251,8 +328,9 @@ def measure(state: dict, threads: int, rounds: int, new_tokens: int, profile: bo
         "bandwidth_bound_tok_s": {v: round(b, 1) for v, b in bound.items()},
         "bytes_per_token_mb": {v: {k: round(x / 1e6, 1) for k, x in b.items()} for v, b in read.items()},
         "copy_bandwidth_gb_s": round(bandwidth, 1),
+        "copy_bandwidth_gb_s_readings": readings,
         "speed": speed,
-        "llama_greedy_agreement_with_ort_adapter_32_tokens": follows,
+        "same_adapter_check": checks,
         "files_mb": {
             "onnx_model": round(sum(f.stat().st_size for f in (onnx_dir / "model").iterdir()) / 1e6, 1),
             "onnx_adapter": round(adapter_file.stat().st_size / 1e6, 1),

@@ -65,6 +65,14 @@ def check_llama(config: dict, source: Path) -> None:
     for key in ("rope_scaling", "attention_bias", "mlp_bias"):
         if config.get(key):
             raise StageError(f"{source}: config.json sets {key}, which this GGUF export does not write")
+    rope_type = (config.get("rope_parameters") or {}).get("rope_type", "default")
+    if rope_type != "default":
+        raise StageError(f"{source}: rope_parameters.rope_type is '{rope_type}'; this GGUF export writes plain RoPE")
+
+
+def rope_theta(config: dict) -> float:
+    """RoPE's base: transformers 5 keeps it in rope_parameters, older config.json files at the top level."""
+    return float((config.get("rope_parameters") or {}).get("rope_theta") or config.get("rope_theta") or 10000.0)
 
 
 def copy_tokenizer(writer, tokenizer_gguf: Path) -> int:
@@ -125,7 +133,7 @@ def model_gguf(hf_dir: Path, dst: Path, tokenizer_gguf: Path, dtype: str = "f16"
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
-    writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
+    writer.add_rope_freq_base(rope_theta(config))
     writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
     writer.add_rope_dimension_count(head_dim)
     writer.add_file_type(ftype)

@@ -34,22 +34,34 @@ def logits(folder, **kwargs):
         return model(torch.tensor(IDS)).logits
 
 
+def with_rope_theta(tiny_base, folder, theta: float):
+    """A copy of the tiny model with another RoPE base (SmolLM2 uses 100000, 1.7B 130000; tiny has the default)."""
+    shutil.copytree(tiny_base, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_parameters"] = {**config.get("rope_parameters", {}), "rope_theta": theta, "rope_type": "default"}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
 @pytest.mark.parametrize("dtype, atol", [("f32", 1e-5), ("f16", 2e-2)])
 def test_the_gguf_gives_the_hf_models_logits(tiny_base, tmp_path, dtype, atol):
     import gguf
 
-    out = model_gguf(tiny_base, tmp_path / f"tiny-{dtype}.gguf", shipped_tokenizer_gguf(), dtype)
+    hf_dir = with_rope_theta(tiny_base, tmp_path / "hf", 130000.0)
+    out = model_gguf(hf_dir, tmp_path / f"tiny-{dtype}.gguf", shipped_tokenizer_gguf(), dtype)
     assert not list(tmp_path.glob("*.partial"))
     reader = gguf.GGUFReader(str(out))
-    config = json.loads((tiny_base / "config.json").read_text())
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert reader.fields["llama.rope.freq_base"].contents() == 130000.0
     assert reader.fields["llama.block_count"].contents() == config["num_hidden_layers"]
     assert reader.fields["llama.attention.head_count_kv"].contents() == config["num_key_value_heads"]
     assert len(reader.fields["tokenizer.ggml.tokens"].contents()) == config["vocab_size"]
     names = {t.name for t in reader.tensors}
     assert "output.weight" not in names  # tied: llama.cpp reuses token_embd
     assert {t.tensor_type.name for t in reader.tensors if len(t.shape) == 2} == {dtype.upper()}
-    expected, got = logits(tiny_base), logits(tmp_path, gguf_file=out.name)
+    expected, got = logits(hf_dir), logits(tmp_path, gguf_file=out.name)
     assert (expected - got).abs().max().item() < atol
+    assert (expected - logits(tiny_base)).abs().max().item() > 1e-3  # the RoPE base shows in the logits
 
 
 def test_permute_is_what_makes_q_and_k_agree(tiny_base, tmp_path, monkeypatch):
@@ -76,6 +88,10 @@ def test_a_model_it_cannot_write_fails_in_one_line(tiny_base, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "phi3"}))
     with pytest.raises(StageError, match=r"config.json: GGUF export writes Llama-architecture models, not 'phi3'"):
+        model_gguf(folder, tmp_path / "x.gguf", shipped_tokenizer_gguf())
+    scaled = {"rope_theta": 10000.0, "rope_type": "llama3", "factor": 8.0}
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "llama", "rope_parameters": scaled}))
+    with pytest.raises(StageError, match=r"rope_parameters.rope_type is 'llama3'; this GGUF export writes plain RoPE"):
         model_gguf(folder, tmp_path / "x.gguf", shipped_tokenizer_gguf())
     (folder / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 8}))
     with pytest.raises(StageError, match=r"vocab_size 49160 but SmolLM2-135M-Instruct.Q4_1.gguf has 49152 tokens"):
