@@ -54,6 +54,14 @@ PROMPT = (
 # --- llama.cpp ------------------------------------------------------------------------------------------------------
 
 
+def require_llama_cpp() -> None:
+    """One line, not a traceback, where `make bench-setup` has not run."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        raise SystemExit("llama-cpp-python is not installed: run `make bench-setup` (builds it from PyPI)") from None
+
+
 def shipped_gguf() -> Path:
     import importlib.util
 
@@ -226,10 +234,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="default: bench/results/<date>-cpu.json")
     parser.add_argument("--no-profile", action="store_true", help="skip ORT's per-op profile of a decode step")
     args = parser.parse_args()
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        raise SystemExit("llama-cpp-python is not installed: run `make bench-setup` (builds it from PyPI)") from None
+    require_llama_cpp()
     import onnxruntime_genai as og
     from transformers import AutoTokenizer
 

@@ -2,7 +2,7 @@
 without the same adapter, and against the memory-bandwidth bound (the perf-scale issue).
 
     make bench-setup                    # once: llama-cpp-python (9-45 min on 2 cores)
-    python -m bench.scaling [--sizes 135m,360m,1.7b,3.8b] [--threads 2] [--rounds 5] [--new-tokens 128]
+    python -m bench.scaling [--sizes 135m,360m,1.7b,3.8b] [--threads 2] [--rounds 7] [--new-tokens 128]
 
 Per size, random weights (decode speed does not depend on their values) in Llama's architecture at the published
 dimensions of SmolLM2-135M, -360M and -1.7B and of Phi-3.5-mini (3.8B, written as a Llama: same matrices, unfused),
@@ -47,6 +47,7 @@ from bench.cpu_vs_llama import (
     llama_run,
     profile_decode,
     requantize,
+    require_llama_cpp,
     summary,
 )
 from olive_lab.decode import SPEED_PROMPT, bytes_per_token, cpu_name, linked_copy, model_peak_rss_mb, ort_greedy
@@ -390,7 +391,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated, of {', '.join(SIZES)}")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--work", type=Path, default=ROOT / "bench/work/scaling", help="builds are cached here")
     parser.add_argument("--out", type=Path, default=None, help="default: bench/results/<date>-scaling.json")
@@ -400,10 +401,7 @@ def main() -> None:
     unknown = [s for s in wanted if s not in SIZES]
     if unknown:
         raise SystemExit(f"--sizes: unknown size '{unknown[0]}' (known: {', '.join(SIZES)})")
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        raise SystemExit("llama-cpp-python is not installed: run `make bench-setup` (builds it from PyPI)") from None
+    require_llama_cpp()
 
     sizes: dict[str, dict] = {}
     states = {}
