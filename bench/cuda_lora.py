@@ -17,7 +17,9 @@ layouts are graph edits of that one build, sharing its weights file:
 - `branches`: today's layout, adapters in .onnx_adapter files (ORT GenAI copies them to the GPU at every step);
 - `resident`: the adapters stacked in the model, the files hold an index (olive_lab.onnx.lora.make_resident).
 `--block-size` builds with another int4 block than the config's group size (its own folder, <size>-b<N>), for
-the perf-scale issue's share of the bandwidth bound by block size (`scale-report`). Per layout and adapter: TTFT and decode tok/s (medians of 5 runs of 128 tokens), the greedy tokens, and whether a
+the perf-scale issue's share of the bandwidth bound by block size (`scale-report`); `--lm-head` likewise with another
+optimize.lm_head (<...>-head-<kind>). Per layout and adapter: TTFT and decode tok/s (medians of 5 runs of 128
+tokens), the greedy tokens, and whether a
 switching order gives the same tokens again (a captured CUDA graph that kept the old adapter would not).
 `share_of_bound`: the bytes one decoding step must read (every weight but the embedding table) over the device
 bandwidth measured in the same run (a large device-to-device copy), against the measured step time.
@@ -99,12 +101,14 @@ def lora_variant(plain: Path, out: Path, layout: str, hf_dir: Path, peft: dict[s
     return out
 
 
-def size_root(work: Path, size: str, block_size: int | None) -> Path:
-    return work / (size if block_size is None else f"{size}-b{block_size}")
+def size_root(work: Path, size: str, block_size: int | None, lm_head: str = "int8") -> Path:
+    name = size if block_size is None else f"{size}-b{block_size}"
+    return work / (name if lm_head == "int8" else f"{name}-head-{lm_head}")
 
 
 def build(size: str, work: Path, tokenizer_dir: str | None, block_size: int | None = None,
-          layouts: tuple[str, ...] = ("branches_if", "plain", "branches", "resident")) -> None:  # fmt: skip
+          layouts: tuple[str, ...] = ("branches_if", "plain", "branches", "resident"),
+          lm_head: str = "int8") -> None:  # fmt: skip
     from olive_lab.base_model import materialize
     from olive_lab.lora import random_adapter
     from olive_lab.onnx.build import export_model, set_cuda_graph
@@ -112,7 +116,7 @@ def build(size: str, work: Path, tokenizer_dir: str | None, block_size: int | No
     from olive_lab.onnx.rope import capturable_longrope
 
     conf = model_conf(size, tokenizer_dir)
-    root = size_root(work, size, block_size)
+    root = size_root(work, size, block_size, lm_head)
     base = work / size / "base"  # one set of random weights per size, whatever the block
     timings = {}
     start = time.time()
@@ -129,7 +133,7 @@ def build(size: str, work: Path, tokenizer_dir: str | None, block_size: int | No
     builder = root / "builder" / "model"
     if not (builder / "genai_config.json").exists():
         export_model(base, builder, precision="int4", block_size=block_size or conf["group_size"], accuracy_level=4,
-                     execution_provider="cuda", lm_head="int8")  # fmt: skip
+                     execution_provider="cuda", lm_head=lm_head)  # fmt: skip
     timings["builder_s"] = round(time.time() - start, 1)
     hf_config = json.loads((base / "config.json").read_text())
     # the builder's graph as the optimize stage left it before the Where: the If (if any) keeps CUDA graphs off
@@ -149,9 +153,9 @@ def build(size: str, work: Path, tokenizer_dir: str | None, block_size: int | No
             set_cuda_graph(variants[layout] / "model", True)
     if not rope_rewritten and "branches_if" in variants:  # nothing to compare: the builder's graph has no If
         shutil.rmtree(variants.pop("branches_if"))
-    state = {"conf": conf["name"], "block_size": block_size or conf["group_size"], "base": str(base),
-             "peft": {k: str(v) for k, v in peft.items()}, "variants": {k: str(v) for k, v in variants.items()},
-             "timings": timings}  # fmt: skip
+    state = {"conf": conf["name"], "block_size": block_size or conf["group_size"], "lm_head": lm_head,
+             "base": str(base), "peft": {k: str(v) for k, v in peft.items()},
+             "variants": {k: str(v) for k, v in variants.items()}, "timings": timings}  # fmt: skip
     (root / "state.json").write_text(json.dumps(state, indent=2))
     print(json.dumps(state, indent=2), flush=True)
 
@@ -188,13 +192,15 @@ def device_bandwidth_gbs() -> float:
     return round(2 * (4 << 30) / best / 1e9, 1)
 
 
-def measure(size: str, work: Path, block_size: int | None = None, with_torch: bool = True) -> None:
+def measure(
+    size: str, work: Path, block_size: int | None = None, with_torch: bool = True, lm_head: str = "int8"
+) -> None:
     import torch  # noqa: F401  (first: onnxruntime-gpu finds the CUDA libraries torch brings)
     from transformers import AutoTokenizer
 
     from olive_lab.lm import prompt_text
 
-    root = size_root(work, size, block_size)
+    root = size_root(work, size, block_size, lm_head)
     state = json.loads((root / "state.json").read_text())
     tok = AutoTokenizer.from_pretrained(state["base"])
     ids = tok(prompt_text(tok, SPEED_PROMPT), add_special_tokens=False).input_ids
@@ -205,7 +211,7 @@ def measure(size: str, work: Path, block_size: int | None = None, with_torch: bo
         result["ort"][name] = ort_genai(Path(folder), ids, names)
         speeds = {k: (v["decode_tok_s"], v["ttft_ms"]) for k, v in result["ort"][name].items() if isinstance(v, dict)}
         print(name, speeds, "switching ok:", result["ort"][name].get("switching_gives_same_tokens"), flush=True)
-    result["block_size"] = state.get("block_size")
+    result["block_size"], result["lm_head"] = state.get("block_size"), state.get("lm_head", "int8")
     if with_torch:
         result["torch_eager_bf16"]["base"] = torch_eager(state["base"], ids)
         result["torch_eager_bf16"]["a"] = torch_eager(state["base"], ids, Path(state["peft"]["a"]))
@@ -354,7 +360,8 @@ def scale_report(work: Path, out: Path) -> None:
         s = summarize("phi35", measured)
         block = measured.get("block_size") or json.loads((path.parent / "state.json").read_text()).get("block_size", 32)
         profile_file = path.parent / "profile.json"
-        blocks[str(block)] = {
+        head = measured.get("lm_head", "int8")
+        blocks[str(block) if head == "int8" else f"{block}-head-{head}"] = {
             "share_of_bound": s["share_of_bound"],
             "decode_tok_s": s["decode_tok_s"],
             "ttft_ms": s["ttft_ms"],
@@ -366,7 +373,8 @@ def scale_report(work: Path, out: Path) -> None:
         }
     if not blocks:
         raise SystemExit(f"{work}: no phi35 size measured yet (run `measure --size phi35` first)")
-    best = max(blocks, key=lambda b: blocks[b]["share_of_bound"]["plain"])
+    int8_head = {b: v for b, v in blocks.items() if "-head-" not in b}  # the sweep: the default lm_head
+    best = max(int8_head, key=lambda b: blocks[b]["share_of_bound"]["plain"])
     result = {
         "date": str(date.today()),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -375,7 +383,7 @@ def scale_report(work: Path, out: Path) -> None:
         "rounds": ROUNDS,
         # the key: the best block's share, no adapter, for the plain model and for the pipeline's layout
         "share_of_bound": {"block_size": int(best), **blocks[best]["share_of_bound"]},
-        "fastest_block": max(blocks, key=lambda b: blocks[b]["decode_tok_s"]["plain"]["base"]),
+        "fastest_block": max(int8_head, key=lambda b: blocks[b]["decode_tok_s"]["plain"]["base"]),
         "goal_share_of_bound": 0.30,
         "blocks": blocks,
     }
@@ -393,13 +401,15 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=None, help="int4 block (default: the config's group size)")
     parser.add_argument("--layouts", default="branches_if,plain,branches,resident", help="variants to build")
     parser.add_argument("--no-torch", action="store_true", help="measure: skip torch eager")
+    parser.add_argument("--lm-head", default="int8", help="build/measure: optimize.lm_head (int8, int4, fp32)")
     parser.add_argument("--out", type=Path, default=None, help="default: bench/results/<date>-cuda-lora.json "
                         "(scale-report: <date>-cuda-scale.json)")  # fmt: skip
     args = parser.parse_args()
     if args.step == "build":
-        build(args.size, args.work, args.tokenizer_dir or None, args.block_size, tuple(args.layouts.split(",")))
+        build(args.size, args.work, args.tokenizer_dir or None, args.block_size, tuple(args.layouts.split(",")),
+              args.lm_head)  # fmt: skip
     elif args.step == "measure":
-        measure(args.size, args.work, args.block_size, not args.no_torch)
+        measure(args.size, args.work, args.block_size, not args.no_torch, args.lm_head)
     elif args.step == "profile":
         profile_step(args.size, args.work, args.block_size)
     elif args.step == "report":
