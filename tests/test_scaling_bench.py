@@ -1,0 +1,80 @@
+"""bench/scaling.py's own logic, without llama.cpp: which sizes fit this host, the bytes a llama.cpp step reads, how
+the issue's goals are judged, and bad input. (The timed runs themselves are benchmarks, not tests.)"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from bench.scaling import fits, gguf_bytes_per_token, goals, model_conf
+from tests.conftest import ROOT
+from tests.test_gguf_export import shipped_tokenizer_gguf
+
+
+def test_a_size_the_host_cannot_build_says_why_and_a_small_one_fits(monkeypatch):
+    import olive_lab.memory as memory
+
+    monkeypatch.setattr(memory, "available_host_gb", lambda: 24.0)
+    reason = fits(model_conf("3.8b"))
+    assert reason and "the base stage needs about 31.4 GB" in reason and "3.93B" in reason
+    assert fits(model_conf("135m")) is None
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_llama_step_bytes_count_the_embedding_by_one_row_unless_it_is_the_output(tiny_base, tmp_path, tied):
+    import json
+    import shutil
+
+    import gguf
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from olive_lab.gguf_export import model_gguf
+
+    folder = tmp_path / "hf"
+    if tied:
+        shutil.copytree(tiny_base, folder)
+    else:  # the same weights with their own output matrix
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32, tie_word_embeddings=False)
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+        model.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    out = model_gguf(folder, tmp_path / "m.gguf", shipped_tokenizer_gguf(), "f32")
+    tensors = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(out)).tensors}
+    embedding = tensors["token_embd.weight"]
+    read = gguf_bytes_per_token(out, None, context=10, config=config)
+    row = embedding // config["vocab_size"]
+    assert read["weights"] == sum(tensors.values()) - (0 if tied else embedding - row)
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    assert read["kv_cache"] == 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * 2 * 10
+
+
+def size_result(params_b, adapter_ratio, share, prefill):
+    return {
+        "params_b": params_b,
+        "ratio": {"adapter_vs_llama_same_adapter": adapter_ratio, "prefill": prefill},
+        "share_of_bound": {"ort_base": share, "ort_adapter": share},
+    }
+
+
+def test_goals_are_judged_per_size_and_unmeasured_ones_are_none():
+    met = goals({"135m": size_result(0.135, 1.31, 0.3, 0.9), "1.7b": size_result(1.71, 1.5, 0.6, 1.0)})
+    assert met == {
+        "adapter_ratio_ge_1.5_at_1.7b_plus": True,
+        "adapter_ratio_ge_1.3_at_135m": True,
+        "share_of_bound_ge_0.6_at_1.7b_plus": True,
+        "prefill_at_least_llama_at_1.7b_plus": True,
+    }
+    missed = goals({"135m": size_result(0.135, 1.29, 0.3, 1.2), "1.7b": size_result(1.71, 1.49, 0.59, 0.99)})
+    assert not any(missed.values())
+    skipped = goals({"3.8b": {"skipped": "too big"}})
+    assert set(skipped.values()) == {None}
+
+
+def test_an_unknown_size_fails_in_one_line():
+    run = subprocess.run([sys.executable, "-m", "bench.scaling", "--sizes", "135m,7b"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)  # fmt: skip
+    assert run.returncode != 0
+    assert run.stderr.strip() == "--sizes: unknown size '7b' (known: 135m, 360m, 1.7b, 3.8b)"
