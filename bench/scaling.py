@@ -91,8 +91,9 @@ def fits(conf: dict) -> str | None:
     return None
 
 
-def build(size: str, work: Path) -> dict:
-    """The HF folder, the ORT model with its adapter, the Q4_0 GGUF and the LoRA GGUF of one size (cached)."""
+def build(size: str, work: Path, block_size: int | None = None) -> dict:
+    """The HF folder, the ORT model with its adapter, the Q4_0 GGUF and the LoRA GGUF of one size (cached). With
+    `block_size`, the ORT model uses that int4 block instead of params.yaml's (its own folder; the rest is shared)."""
     from olive_lab.base_model import gguf_path, materialize
     from olive_lab.gguf_export import lora_gguf, model_gguf
     from olive_lab.lora import random_adapter
@@ -101,11 +102,13 @@ def build(size: str, work: Path) -> dict:
 
     conf = model_conf(size)
     root = work / size
-    state_file = root / "state.json"
+    suffix = "" if block_size is None else f"-b{block_size}"
+    state_file = root / f"state{suffix}.json"
     if state_file.exists():
         return json.loads(state_file.read_text())
     opt = yaml.safe_load((ROOT / "params.yaml").read_text())["optimize"]
-    base, onnx_dir, peft_dir = root / "base", root / "onnx", root / "peft"
+    base, onnx_dir, peft_dir = root / "base", root / f"onnx{suffix}", root / "peft"
+    block = block_size or int(opt["block_size"])
     seconds = {}
     start = time.time()
     if not (base / "config.json").exists():
@@ -116,8 +119,8 @@ def build(size: str, work: Path) -> dict:
         random_adapter(base, peft_dir, seed=0, r=RANK, target_modules=conf["lora_targets"])
     start = time.time()
     if not (onnx_dir / "model" / "genai_config.json").exists():
-        print(f"[{size}] ONNX int4 (the optimize stage's builder call)", flush=True)
-        build_onnx(base, onnx_dir, {"adapter": peft_dir}, precision=opt["precision"], block_size=int(opt["block_size"]),
+        print(f"[{size}] ONNX int4, block {block} (the optimize stage's builder call)", flush=True)
+        build_onnx(base, onnx_dir, {"adapter": peft_dir}, precision=opt["precision"], block_size=block,
                    accuracy_level=int(opt["accuracy_level"]), execution_provider="cpu", lm_head=opt["lm_head"],
                    lora_layout=resolve_layout(opt["lora_layout"], "cpu"))  # fmt: skip
     seconds["onnx"] = round(time.time() - start, 1)
@@ -130,8 +133,8 @@ def build(size: str, work: Path) -> dict:
     hf_config = json.loads((base / "config.json").read_text())
     lora = lora_gguf(peft_dir, hf_config, root / "lora.gguf")
     seconds["gguf"] = round(time.time() - start, 1)
-    state = {"size": size, "base": str(base), "onnx": str(onnx_dir), "q4_0": str(q4_0), "lora": str(lora),
-             "build_seconds": seconds}  # fmt: skip
+    state = {"size": size, "base": str(base), "onnx": str(onnx_dir), "ort_block_size": block, "q4_0": str(q4_0),
+             "lora": str(lora), "build_seconds": seconds}  # fmt: skip
     state_file.write_text(json.dumps(state, indent=2))
     return state
 
@@ -313,6 +316,7 @@ def measure(state: dict, threads: int, rounds: int, new_tokens: int, profile: bo
     }
     result = {
         "params_b": round(param_count({**hf_config}) / 1e9, 3),
+        "ort_block_size": state.get("ort_block_size", 32),
         "dims": SIZES[size],
         "ratio": {
             "no_adapter": round(decode["ort_base"] / decode["llama_q4_0"], 2),
@@ -396,6 +400,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "bench/work/scaling", help="builds are cached here")
     parser.add_argument("--out", type=Path, default=None, help="default: bench/results/<date>-scaling.json")
     parser.add_argument("--no-profile", action="store_true", help="skip ORT's per-op profile of a decode step")
+    parser.add_argument("--block-size", type=int, default=None, help="ORT's int4 block (default: params.yaml's)")
     args = parser.parse_args()
     wanted = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in SIZES]
@@ -412,7 +417,7 @@ def main() -> None:
             print(f"[{size}] skipped: {reason}", flush=True)
             continue
         try:
-            states[size] = build(size, args.work)
+            states[size] = build(size, args.work, args.block_size)
         except StageError as exc:
             raise SystemExit(f"[{size}] {exc}") from None
     for size, state in states.items():
