@@ -123,10 +123,11 @@ def build(size: str, work: Path, tokenizer_dir: str | None, block_size: int | No
     if not (base / "config.json").exists():
         materialize(conf, base)
     timings["base_s"] = round(time.time() - start, 1)
+    peft_root = work / size / "peft"  # shared by every block, like the weights
     peft = {
-        name: work / size / "peft" / name
-        if (work / size / "peft" / name / "adapter_config.json").exists()
-        else random_adapter(base, work / size / "peft" / name, seed=i, r=RANK, target_modules=conf["lora_targets"])
+        name: peft_root / name
+        if (peft_root / name / "adapter_config.json").exists()
+        else random_adapter(base, peft_root / name, seed=i, r=RANK, target_modules=conf["lora_targets"])
         for i, name in enumerate(ADAPTERS)
     }
     start = time.time()

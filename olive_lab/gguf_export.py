@@ -112,10 +112,11 @@ def model_gguf(hf_dir: Path, dst: Path, tokenizer_gguf: Path, dtype: str = "f16"
     files = sorted(hf_dir.glob("*.safetensors"))
     if not files:
         raise StageError(f"{hf_dir}: no .safetensors weights to export")
-    where = {}
+    where, shapes = {}, {}
     for file in files:
         with safe_open(str(file), framework="pt") as f:
-            where.update(dict.fromkeys(f.keys(), file))
+            for name in f.keys():  # noqa: SIM118 - safe_open handles are not mappings
+                where[name], shapes[name] = file, tuple(f.get_slice(name).get_shape())
     unknown = [n for n in where if gguf_name(n) is None]
     if unknown:
         raise StageError(f"{hf_dir}: weights with no llama.cpp name: {', '.join(unknown[:3])}")
@@ -124,6 +125,10 @@ def model_gguf(hf_dir: Path, dst: Path, tokenizer_gguf: Path, dtype: str = "f16"
 
     ftype = gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32
     matrix_dtype = np.float16 if dtype == "f16" else np.float32
+
+    def out_dtype(ndim: int):
+        return matrix_dtype if ndim == 2 else np.float32  # norms (1-D) stay fp32
+
     tmp = dst.with_name(dst.name + ".partial")
     writer = gguf.GGUFWriter(None, arch="llama")
     writer.add_name(hf_dir.name)
@@ -149,17 +154,12 @@ def model_gguf(hf_dir: Path, dst: Path, tokenizer_gguf: Path, dtype: str = "f16"
             value = f.get_tensor(name).float().numpy()  # via torch: numpy has no bfloat16
         if name.endswith(("q_proj.weight", "k_proj.weight")):
             value = permute(value, heads if "q_proj" in name else kv_heads)
-        return np.ascontiguousarray(value.astype(matrix_dtype if value.ndim == 2 else np.float32))
+        return np.ascontiguousarray(value.astype(out_dtype(value.ndim)))
 
     names = sorted(where)
-    shapes = {}
     for name in names:
-        with safe_open(str(where[name]), framework="pt") as f:
-            shapes[name] = tuple(f.get_slice(name).get_shape())
-        itemsize = np.dtype(matrix_dtype if len(shapes[name]) == 2 else np.float32).itemsize
-        nbytes = int(np.prod(shapes[name])) * itemsize
-        writer.add_tensor_info(gguf_name(name), shapes[name], matrix_dtype if len(shapes[name]) == 2 else np.float32,
-                               nbytes)  # fmt: skip
+        kind = np.dtype(out_dtype(len(shapes[name])))
+        writer.add_tensor_info(gguf_name(name), shapes[name], kind, int(np.prod(shapes[name])) * kind.itemsize)
     try:
         writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()
