@@ -11,6 +11,10 @@ same run, plus what the KV cache kept across turns gives and what an adapter swi
 - ttft_turn5_over_turn1: a 5-turn conversation in the app (same message length each turn, cache kept); turn 5's time
   to first token over turn 1's, median over rounds. Turn 5 without the cache (a fresh prefill of the same history)
   is reported for scale.
+- The app runs the model as `make chat` does, in its own process (chat.engine_process.EngineProcess); the engine
+  alone is chat.engine.Engine in this process, idle while the app runs.
+- --compare-in-process: each round also runs the app on the in-process Engine (`python -m chat --in-process`, and
+  what the app did before the engine had a process of its own), reported as ui_over_engine_in_process.
 - --compare-flush-hz HZ: each round also runs the app moving text to the screen HZ times a second instead of
   chat.app.FLUSH_HZ, reported as ui_over_engine_compared: what rendering costs the model, in the same run.
 - switch: with about 2k tokens of history, the TTFT of the next turn on the same adapter (cache extended) and after
@@ -146,6 +150,7 @@ def switch_cost(engine, history_tokens: int, adapter: str) -> dict:
 def main() -> None:
     import chat.app as chat_app
     from chat.engine import Engine
+    from chat.engine_process import EngineProcess
     from chat.widgets.messages import StreamingText
     from olive_lab.decode import cpu_name
 
@@ -156,6 +161,11 @@ def main() -> None:
     parser.add_argument("--adapter", default="travel", help="the adapter of the switch measurement")
     parser.add_argument("--quick", action="store_true", help="smoke run: short replies, one round, small history")
     parser.add_argument("--out", type=Path, default=None, help="default: bench/results/<date>-chat.json")
+    parser.add_argument(
+        "--compare-in-process",
+        action="store_true",
+        help="each round also runs the app on the in-process engine (ui_over_engine_in_process): what the process saves",
+    )
     parser.add_argument(
         "--compare-flush-hz",
         type=float,
@@ -171,24 +181,30 @@ def main() -> None:
     engine.load()
     if engine.ep != args.device:
         raise SystemExit(f"{args.model}: its genai_config runs on '{engine.ep}', not '{args.device}'")
+    app_engine = EngineProcess(args.model)  # the app's, as `make chat` runs it; each session (re)loads it
     load_before = os.getloadavg()
     alone: dict[str, list[dict]] = {name: [] for name in lengths}
     in_app: dict[str, list[dict]] = {name: [] for name in lengths}
     in_app_compared: dict[str, list[dict]] = {name: [] for name in lengths}  # --compare-flush-hz
+    in_app_in_process: dict[str, list[dict]] = {name: [] for name in lengths}  # --compare-in-process
     sessions = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
             for name, tokens in lengths.items():
                 engine.drop_cache()
                 alone[name].append(engine_reply(engine, [{"role": "user", "content": PROMPTS[name]}], "base", tokens))
-            session = asyncio.run(app_session(engine, lengths, turn_tokens, Path(tmp) / str(r)))
+            session = asyncio.run(app_session(app_engine, lengths, turn_tokens, Path(tmp) / str(r)))
             for name in lengths:
                 in_app[name].append(session["replies"][name])
             sessions.append(session)
+            if args.compare_in_process:
+                other = asyncio.run(app_session(engine, lengths, turn_tokens, Path(tmp) / f"{r}-in-process"))
+                for name in lengths:
+                    in_app_in_process[name].append(other["replies"][name])
             if args.compare_flush_hz:  # the same session at another flush rate, in the same round
                 chosen, chat_app.FLUSH_HZ = chat_app.FLUSH_HZ, args.compare_flush_hz
                 try:
-                    other = asyncio.run(app_session(engine, lengths, turn_tokens, Path(tmp) / f"{r}-compared"))
+                    other = asyncio.run(app_session(app_engine, lengths, turn_tokens, Path(tmp) / f"{r}-compared"))
                 finally:
                     chat_app.FLUSH_HZ = chosen
                 for name in lengths:
@@ -197,11 +213,14 @@ def main() -> None:
                 a, b = alone[name][-1], in_app[name][-1]
                 rate = args.compare_flush_hz
                 extra = f", app at {rate:g} Hz {in_app_compared[name][-1]['tok_s']:.1f}" if rate else ""
+                if args.compare_in_process:
+                    extra += f", app in-process {in_app_in_process[name][-1]['tok_s']:.1f}"
                 print(
                     f"round {r + 1} {name}: engine {a['tok_s']:.1f} tok/s, app {b['tok_s']:.1f}{extra} "
                     f"({b['new_tokens']} tokens)"
                 )
             print(f"round {r + 1} ttft by turn (ms): {[round(t['ttft_s'] * 1000) for t in session['turns']]}")
+    app_engine.close()
     # turn 5 again without the cache: the same history prefilled from scratch
     engine.drop_cache()
     turn5_fresh = engine_reply(engine, sessions[-1]["history"][:-1], "base", turn_tokens)
@@ -214,6 +233,7 @@ def main() -> None:
         "model": str(args.model),
         "rounds": rounds,
         "ui": {
+            "engine": "own process (chat.engine_process)",
             "flush_hz": chat_app.FLUSH_HZ,
             "tail_rows": StreamingText.TAIL_ROWS,
             "size": [120, 40],
@@ -249,7 +269,24 @@ def main() -> None:
             / median([a["tok_s"] for a in alone[name]])
             for name in lengths
         }
-    for key in ("ui_over_engine", "ui_over_engine_wall", "ui_over_engine_compared"):
+    if args.compare_in_process:
+        for key, field in (("ui_over_engine_in_process", "tok_s"), ("ui_over_engine_wall_in_process", "wall_s")):
+            result[key] = {
+                f"{name}_{lengths[name]}_tokens": (
+                    median([b[field] for b in in_app_in_process[name]]) / median([a[field] for a in alone[name]])
+                    if field == "tok_s"
+                    else median([a[field] for a in alone[name]]) / median([b[field] for b in in_app_in_process[name]])
+                )
+                for name in lengths
+            }
+    keys = (
+        "ui_over_engine",
+        "ui_over_engine_wall",
+        "ui_over_engine_compared",
+        "ui_over_engine_in_process",
+        "ui_over_engine_wall_in_process",
+    )
+    for key in keys:
         if key in result:
             result[key] = {k: round(v, 3) for k, v in result[key].items()}
     print(json.dumps(result, indent=2))

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from chat.engine import BASE, MAX_CONTEXT, Engine, EngineError
+from chat.engine_process import EngineProcess
 from chat.settings import from_params
 from chat.store import DB_ENV, Store, StoreError, default_db_path
 
@@ -30,6 +31,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         metavar="TOKENS",
         help=f"longest history kept, when the model allows more (default: {MAX_CONTEXT}; its KV cache is allocated whole)",
     )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the model in the UI's process (default: its own, so rendering never holds up decoding)",
+    )
     return parser.parse_args(argv)
 
 
@@ -46,7 +52,8 @@ def build_app(args: argparse.Namespace):
         settings.model_dir = Path(args.model)
     if args.max_context < 16:
         raise EngineError(f"--max-context: expected at least 16 tokens, not {args.max_context}")
-    engine = Engine(settings.model_dir, args.max_context)  # ModelMissing names the command that builds it
+    engine_class = Engine if args.in_process else EngineProcess
+    engine = engine_class(settings.model_dir, args.max_context)  # ModelMissing names the command that builds it
     if args.adapter not in engine.adapter_names:
         found = ", ".join(engine.adapter_names)
         raise EngineError(f"adapter '{args.adapter}' not found in {settings.model_dir / 'adapters'} (have: {found})")
@@ -76,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         app.run()
     finally:
         app.store.close()
+        app.engine.close()
     return app.return_code or 0
 
 

@@ -186,6 +186,12 @@ class Engine:
         self.load_s = time.perf_counter() - start
         return self.load_s
 
+    def close(self) -> None:
+        """Free the model and the cache (EngineProcess ends its child here); `load()` works again after."""
+        with self.lock:
+            self._cache, self.model, self._adapters, self._tokenizer = None, None, None, None
+            self._loaded_adapters = set()
+
     def _require_loaded(self) -> None:
         if self.model is None:
             raise EngineError("the model is not loaded")

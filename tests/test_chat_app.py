@@ -12,7 +12,8 @@ from textual import events
 from textual.widgets import Input, Markdown, Select
 
 from chat.app import ChatApp
-from chat.engine import Engine, Sampling
+from chat.engine import Sampling
+from chat.engine_process import EngineProcess
 from chat.screens.conversations import ConversationsScreen
 from chat.screens.help import HelpScreen
 from chat.screens.settings import SettingsScreen
@@ -31,13 +32,19 @@ SIZE = (110, 36)
 
 @pytest.fixture()
 def make_app(tiny_onnx, tmp_path):
+    """The app as `make chat` runs it: the model in its own process (chat.engine_process)."""
+    engines = []
+
     def make(model_dir: Path | None = None, max_new_tokens: int = 24, **kwargs) -> ChatApp:
         model_dir = Path(model_dir or tiny_onnx)
         settings = ChatSettings(model_dir, "Be brief.", Sampling(0.8, 0.95, max_new_tokens))
         store = Store(tmp_path / "chat.sqlite")
-        return ChatApp(Engine(model_dir), store, settings, export_dir=tmp_path / "exports", **kwargs)
+        engines.append(EngineProcess(model_dir))
+        return ChatApp(engines[-1], store, settings, export_dir=tmp_path / "exports", **kwargs)
 
-    return make
+    yield make
+    for engine in engines:
+        engine.close()
 
 
 async def settle(pilot) -> None:
