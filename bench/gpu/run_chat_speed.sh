@@ -4,7 +4,7 @@
 # builds). Adds the `cuda` key to bench/results/<date>-chat.json (copy it back and merge with the CPU run's file).
 #
 # Prepare where there is internet, from the repository root:  make wheelhouse gpu-tokenizer
-# plus the chat's wheels (Textual and its dependencies, versions from requirements.lock) in .wheelhouse/, then copy
+# (bench/gpu/wheels.txt lists the chat's wheels too: Textual and its dependencies), then copy
 # the repository to the GPU host and, from its root:  bash bench/gpu/run_chat_speed.sh [ROUNDS [--compare-flush-hz HZ]]
 # About 3 minutes on one H200 with 3 rounds (the build 25 s); WORK=/tmp/cuda_lora as for run_cuda_lora.sh.
 set -euo pipefail
