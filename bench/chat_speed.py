@@ -12,7 +12,8 @@ same run, plus what the KV cache kept across turns gives and what an adapter swi
   to first token over turn 1's, median over rounds. Turn 5 without the cache (a fresh prefill of the same history)
   is reported for scale.
 - The app runs the model as `make chat` does, in its own process (chat.engine_process.EngineProcess); the engine
-  alone is chat.engine.Engine in this process, idle while the app runs.
+  alone is chat.engine.Engine in this process, idle while the app runs. process_over_engine: that same
+  EngineProcess streaming with no app, over the engine alone (what the process itself changes).
 - --compare-in-process: each round also runs the app on the in-process Engine (`python -m chat --in-process`, and
   what the app did before the engine had a process of its own), reported as ui_over_engine_in_process.
 - --compare-flush-hz HZ: each round also runs the app moving text to the screen HZ times a second instead of
@@ -85,10 +86,12 @@ async def app_reply(app, pilot, text: str, new_tokens: int, fresh: bool) -> dict
     app.query_one(PromptInput).insert(text)
     t0 = time.perf_counter()
     await pilot.press("enter")
-    deadline = t0 + 600
     while not (app._reply_ids > started and app.reply is None):  # no pilot.pause: it forces a screen update
-        if time.perf_counter() > deadline:
-            raise TimeoutError("the app did not finish a reply in 600 s")
+        elapsed = time.perf_counter() - t0
+        if elapsed > 600 or (elapsed > 10 and app._reply_ids == started):
+            said = "; ".join(n.message for n in app._notifications) or "nothing"
+            what = "finish a reply in 600 s" if app._reply_ids > started else "start a reply in 10 s"
+            raise TimeoutError(f"the app did not {what} (its notifications: {said})")
         await asyncio.sleep(0.01)
     stats = app.last_stats
     if stats is None or app._reply_ids == started:
@@ -182,8 +185,10 @@ def main() -> None:
     if engine.ep != args.device:
         raise SystemExit(f"{args.model}: its genai_config runs on '{engine.ep}', not '{args.device}'")
     app_engine = EngineProcess(args.model)  # the app's, as `make chat` runs it; each session (re)loads it
+    app_engine.load()
     load_before = os.getloadavg()
     alone: dict[str, list[dict]] = {name: [] for name in lengths}
+    alone_process: dict[str, list[dict]] = {name: [] for name in lengths}  # the app's engine, no app
     in_app: dict[str, list[dict]] = {name: [] for name in lengths}
     in_app_compared: dict[str, list[dict]] = {name: [] for name in lengths}  # --compare-flush-hz
     in_app_in_process: dict[str, list[dict]] = {name: [] for name in lengths}  # --compare-in-process
@@ -193,6 +198,9 @@ def main() -> None:
             for name, tokens in lengths.items():
                 engine.drop_cache()
                 alone[name].append(engine_reply(engine, [{"role": "user", "content": PROMPTS[name]}], "base", tokens))
+                app_engine.drop_cache()
+                messages = [{"role": "user", "content": PROMPTS[name]}]
+                alone_process[name].append(engine_reply(app_engine, messages, "base", tokens))
             session = asyncio.run(app_session(app_engine, lengths, turn_tokens, Path(tmp) / str(r)))
             for name in lengths:
                 in_app[name].append(session["replies"][name])
@@ -216,7 +224,8 @@ def main() -> None:
                 if args.compare_in_process:
                     extra += f", app in-process {in_app_in_process[name][-1]['tok_s']:.1f}"
                 print(
-                    f"round {r + 1} {name}: engine {a['tok_s']:.1f} tok/s, app {b['tok_s']:.1f}{extra} "
+                    f"round {r + 1} {name}: engine {a['tok_s']:.1f} tok/s (own process "
+                    f"{alone_process[name][-1]['tok_s']:.1f}), app {b['tok_s']:.1f}{extra} "
                     f"({b['new_tokens']} tokens)"
                 )
             print(f"round {r + 1} ttft by turn (ms): {[round(t['ttft_s'] * 1000) for t in session['turns']]}")
@@ -254,6 +263,13 @@ def main() -> None:
                 "engine": median([a["tok_s"] for a in alone[name]]),
                 "app": median([b["tok_s"] for b in in_app[name]]),
             }
+            for name in lengths
+        },
+        # the engine in its own process with no app, over the engine here: what the process itself costs or gives
+        "process_over_engine": {
+            f"{name}_{lengths[name]}_tokens": round(
+                median([b["tok_s"] for b in alone_process[name]]) / median([a["tok_s"] for a in alone[name]]), 3
+            )
             for name in lengths
         },
         "new_tokens": {name: [b["new_tokens"] for b in in_app[name]] for name in lengths},
