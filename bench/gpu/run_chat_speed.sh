@@ -5,8 +5,9 @@
 #
 # Prepare where there is internet, from the repository root:  make wheelhouse gpu-tokenizer
 # (bench/gpu/wheels.txt lists the chat's wheels too: Textual and its dependencies), then copy
-# the repository to the GPU host and, from its root:  bash bench/gpu/run_chat_speed.sh [ROUNDS [--compare-flush-hz HZ]]
-# About 3 minutes on one H200 with 3 rounds (the build 25 s); WORK=/tmp/cuda_lora as for run_cuda_lora.sh.
+# the repository to the GPU host and, from its root:  bash bench/gpu/run_chat_speed.sh [ROUNDS [--compare-in-process] [--compare-flush-hz HZ]]
+# About 2 minutes on one H200 with 7 rounds and --compare-in-process, install and build included; WORK=/tmp/cuda_lora
+# as for run_cuda_lora.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source bench/gpu/env.sh
@@ -14,4 +15,4 @@ WORK=${WORK:-/tmp/cuda_lora}
 install
 python3 -c "import textual" 2>/dev/null || { echo "Textual is not installed: add its wheels to .wheelhouse/" >&2; exit 2; }
 python3 -m bench.cuda_lora build --size default --work "$WORK"
-python3 -m bench.chat_speed --device cuda --rounds "${1:-3}" --model "$WORK/default/resident" --adapter a "${@:2}"
+python3 -m bench.chat_speed --device cuda --rounds "${1:-7}" --model "$WORK/default/resident" --adapter a "${@:2}"
