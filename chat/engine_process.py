@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -362,12 +363,16 @@ class EngineProcess:
 def main(argv: list[str]) -> None:
     """`python -m chat.engine_process CALLS_FD ANSWERS_FD MODEL_DIR MAX_CONTEXT`: the child, started by EngineProcess."""
     calls_fd, answers_fd, model_dir, max_context = argv
-    serve(
-        Connection(int(calls_fd), writable=False),
-        Connection(int(answers_fd), readable=False),
-        model_dir,
-        int(max_context),
-    )
+    # Ctrl+C is the UI's to handle (the app ends this process); a signal to the whole process group must not print a
+    # traceback over the screen
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    calls = Connection(int(calls_fd), writable=False)
+    answers = Connection(int(answers_fd), readable=False)
+    try:
+        serve(calls, answers, model_dir, int(max_context))
+    except EngineError as exc:  # the parent read the same files a moment ago: only a change since then gets here
+        print(f"chat.engine_process: error: {exc}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
