@@ -7,6 +7,7 @@ two adapters, for every multi-LoRA layout, at the default model's size and at Ph
     python -m bench.cuda_lora build|measure --size phi35 --block-size 128 --layouts plain,resident --no-torch
     python -m bench.cuda_lora profile --size phi35 [--block-size N]        # GPU kernel time per token (CUPTI)
     python -m bench.cuda_lora scale-report [--work DIR]                   # bench/results/<date>-cuda-scale.json
+    python -m bench.cuda_lora env-ab --size default --env CUBLAS_WORKSPACE_CONFIG=:0:0 [--repeats 3]
 
 Decode speed does not depend on the weights' values, so the models are random (olive_lab.base_model's `random`
 source) in the default model's shape (SmolLM2-135M, Llama) and in Phi-3.5-mini's (conf/model/phi35_mini_shape.yaml),
@@ -288,6 +289,88 @@ def profile_step(size: str, work: Path, block_size: int | None) -> None:
     (root / "profile.json").write_text(json.dumps(result, indent=2))
 
 
+def measure_layouts(size: str, work: Path, layouts: list[str], out: Path, with_profile: bool = False) -> None:
+    """One process's decode speeds for `layouts` of a built size (no adapter and adapter a), and optionally the
+    resident layout's kernel profile: the child that `env_ab` starts with and without an environment setting."""
+    import torch  # noqa: F401  (first: onnxruntime-gpu finds the CUDA libraries torch brings)
+    from transformers import AutoTokenizer
+
+    from olive_lab.lm import prompt_text
+
+    state = json.loads((size_root(work, size, None) / "state.json").read_text())
+    tok = AutoTokenizer.from_pretrained(state["base"])
+    ids = tok(prompt_text(tok, SPEED_PROMPT), add_special_tokens=False).input_ids
+    result: dict = {"ort": {}}
+    for name in layouts:
+        runs = ort_genai(Path(state["variants"][name]), ids, [None, ADAPTERS[0]])
+        result["ort"][name] = {k: v for k, v in runs.items() if k != "switching_gives_same_tokens"}
+    if with_profile:
+        result["profile"] = kernel_profile(Path(state["variants"]["resident"]), ids, None)
+    out.write_text(json.dumps(result))
+
+
+def env_ab(size: str, work: Path, setting: str, repeats: int, out: Path) -> None:
+    """A/B of one environment setting (NAME=VALUE, read when the CUDA libraries start, so one process per reading):
+    child processes take turns without and with it, `repeats` times each, measuring the resident and branches
+    layouts; per layout and adapter the median decode tok/s of each arm and their ratio."""
+    import os
+    import statistics
+    import subprocess
+    import sys
+
+    name, _, value = setting.partition("=")
+    arms: dict[str, list[dict]] = {"without": [], "with": []}
+    for i in range(repeats):
+        for arm in ("without", "with") if i % 2 == 0 else ("with", "without"):  # neither arm always goes first
+            env = dict(os.environ)
+            env.pop(name, None)
+            if arm == "with":
+                env[name] = value
+            child_out = work / f"env_ab-{arm}-{i}.json"
+            cmd = [sys.executable, "-m", "bench.cuda_lora", "measure-one", "--size", size, "--work", str(work),
+                   "--layouts", "resident,branches", "--out", str(child_out)]  # fmt: skip
+            if i == 0:
+                cmd.append("--with-profile")
+            subprocess.run(cmd, env=env, check=True)
+            arms[arm].append(json.loads(child_out.read_text()))
+            speeds = {k: {a: r["decode_tok_s"] for a, r in v.items()} for k, v in arms[arm][-1]["ort"].items()}
+            print(arm, i, speeds, flush=True)
+    medians = {
+        arm: {
+            layout: {a: statistics.median(run["ort"][layout][a]["decode_tok_s"] for run in runs) for a in ("base", "a")}
+            for layout in ("resident", "branches")
+        }
+        for arm, runs in arms.items()
+    }
+    result = {
+        "date": str(date.today()),
+        "size": size,
+        "setting": setting,
+        "repeats": repeats,
+        "decode_tok_s": medians,
+        "with_over_without": {
+            layout: {a: round(medians["with"][layout][a] / medians["without"][layout][a], 3) for a in ("base", "a")}
+            for layout in ("resident", "branches")
+        },
+        # the cuda-lora issue's cost: an active adapter on the resident model against the best no-adapter speed
+        "adapter_cost_vs_best_no_adapter": {
+            arm: round(1 - m["resident"]["a"] / max(m["resident"]["base"], m["branches"]["base"]), 3)
+            for arm, m in medians.items()
+        },
+        "same_greedy_tokens": all(
+            run["ort"][layout][a]["tokens"] == arms["without"][0]["ort"][layout][a]["tokens"]
+            for runs in arms.values()
+            for run in runs
+            for layout in ("resident", "branches")
+            for a in ("base", "a")
+        ),
+        "profile": {arm: runs[0].get("profile") for arm, runs in arms.items()},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "profile"}, indent=2))
+
+
 def summarize(size: str, measured: dict) -> dict:
     ort = measured["ort"]
     summary: dict = {"decode_tok_s": {}, "ttft_ms": {}, "adapter_cost": {}}
@@ -395,7 +478,9 @@ def scale_report(work: Path, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("step", choices=("build", "measure", "profile", "report", "scale-report"))
+    parser.add_argument(
+        "step", choices=("build", "measure", "profile", "report", "scale-report", "env-ab", "measure-one")
+    )
     parser.add_argument("--size", choices=("default", "phi35"), default="default")
     parser.add_argument("--work", type=Path, default=Path("/tmp/cuda_lora"))
     parser.add_argument("--tokenizer-dir", default=".gpu/tokenizer", help="borrowed tokenizer folder ('' for the GGUF)")
@@ -405,6 +490,9 @@ def main() -> None:
     parser.add_argument("--lm-head", default="int8", help="build/measure: optimize.lm_head (int8, int4, fp32)")
     parser.add_argument("--out", type=Path, default=None, help="default: bench/results/<date>-cuda-lora.json "
                         "(scale-report: <date>-cuda-scale.json)")  # fmt: skip
+    parser.add_argument("--env", default="CUBLAS_WORKSPACE_CONFIG=:0:0", help="env-ab: the NAME=VALUE to compare")
+    parser.add_argument("--repeats", type=int, default=3, help="env-ab: processes per arm")
+    parser.add_argument("--with-profile", action="store_true", help="measure-one: also profile the resident layout")
     args = parser.parse_args()
     if args.step == "build":
         build(args.size, args.work, args.tokenizer_dir or None, args.block_size, tuple(args.layouts.split(",")),
@@ -415,6 +503,11 @@ def main() -> None:
         profile_step(args.size, args.work, args.block_size)
     elif args.step == "report":
         report(args.work, args.out or Path(f"bench/results/{date.today()}-cuda-lora.json"))
+    elif args.step == "env-ab":
+        env_ab(args.size, args.work, args.env, args.repeats,
+               args.out or Path(f"bench/results/{date.today()}-cuda-lora-env-ab-{args.size}.json"))  # fmt: skip
+    elif args.step == "measure-one":
+        measure_layouts(args.size, args.work, args.layouts.split(","), args.out, args.with_profile)
     else:
         scale_report(args.work, args.out or Path(f"bench/results/{date.today()}-cuda-scale.json"))
 

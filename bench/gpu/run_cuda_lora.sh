@@ -4,7 +4,8 @@
 #
 # Prepare where there is internet, from the repository root:  make wheelhouse gpu-tokenizer
 # then copy the repository (with .wheelhouse/ and .gpu/) to the GPU host and, from its root:
-#     bash bench/gpu/run_cuda_lora.sh [install|build SIZE|measure SIZE|report|all]     SIZE: default | phi35
+#     bash bench/gpu/run_cuda_lora.sh [install|build SIZE|measure SIZE|report|env-ab SIZE NAME=VALUE|all]
+#     SIZE: default | phi35; env-ab: child processes with and without one environment setting, taking turns
 # Every step fits in 10 minutes on one H200; the state lives in /tmp/cuda_lora (WORK to change it).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -14,6 +15,7 @@ step=${1:-all}; shift || true
 case "$step" in
   install) install ;;
   build|measure) python3 -m bench.cuda_lora "$step" --size "${1:?size: default or phi35}" --work "$WORK" ;;
+  env-ab) python3 -m bench.cuda_lora env-ab --size "${1:?size: default or phi35}" --env "${2:?NAME=VALUE}" --work "$WORK" ;;
   report) python3 -m bench.cuda_lora report --work "$WORK" --out "bench/results/$(date +%F)-cuda-lora.json" ;;
   all)
     install
@@ -22,5 +24,5 @@ case "$step" in
       python3 -m bench.cuda_lora measure --size $size --work "$WORK"
     done
     python3 -m bench.cuda_lora report --work "$WORK" --out "bench/results/$(date +%F)-cuda-lora.json" ;;
-  *) echo "usage: $0 [install|build SIZE|measure SIZE|report|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 [install|build SIZE|measure SIZE|report|env-ab SIZE NAME=VALUE|all]" >&2; exit 2 ;;
 esac
