@@ -194,18 +194,25 @@ def device_bandwidth_gbs() -> float:
     return round(2 * (4 << 30) / best / 1e9, 1)
 
 
-def measure(
-    size: str, work: Path, block_size: int | None = None, with_torch: bool = True, lm_head: str = "int8"
-) -> None:
+def built_state(root: Path) -> tuple[dict, list[int]]:
+    """A built size's state.json and the speed prompt's token ids in its tokenizer."""
     import torch  # noqa: F401  (first: onnxruntime-gpu finds the CUDA libraries torch brings)
     from transformers import AutoTokenizer
 
     from olive_lab.lm import prompt_text
 
-    root = size_root(work, size, block_size, lm_head)
+    if not (root / "state.json").is_file():
+        raise SystemExit(f"{root / 'state.json'}: no build here; run `python -m bench.cuda_lora build` for this size")
     state = json.loads((root / "state.json").read_text())
     tok = AutoTokenizer.from_pretrained(state["base"])
-    ids = tok(prompt_text(tok, SPEED_PROMPT), add_special_tokens=False).input_ids
+    return state, tok(prompt_text(tok, SPEED_PROMPT), add_special_tokens=False).input_ids
+
+
+def measure(
+    size: str, work: Path, block_size: int | None = None, with_torch: bool = True, lm_head: str = "int8"
+) -> None:
+    root = size_root(work, size, block_size, lm_head)
+    state, ids = built_state(root)
     result = {"prompt_tokens": len(ids), "bandwidth_gbs": device_bandwidth_gbs(), "ort": {}, "torch_eager_bf16": {}}
     result["bytes_per_step"] = bytes_per_step(Path(state["variants"]["plain"]) / "model")
     for name, folder in state["variants"].items():
@@ -271,15 +278,8 @@ def kernel_profile(model_dir: Path, ids: list[int], adapter: str | None, steps: 
 
 
 def profile_step(size: str, work: Path, block_size: int | None) -> None:
-    import torch  # noqa: F401  (first: onnxruntime-gpu finds the CUDA libraries torch brings)
-    from transformers import AutoTokenizer
-
-    from olive_lab.lm import prompt_text
-
     root = size_root(work, size, block_size)
-    state = json.loads((root / "state.json").read_text())
-    tok = AutoTokenizer.from_pretrained(state["base"])
-    ids = tok(prompt_text(tok, SPEED_PROMPT), add_special_tokens=False).input_ids
+    state, ids = built_state(root)
     result = {}
     for name, folder in state["variants"].items():
         for adapter in [None] if name == "plain" else [None, ADAPTERS[0]]:
@@ -292,14 +292,7 @@ def profile_step(size: str, work: Path, block_size: int | None) -> None:
 def measure_layouts(size: str, work: Path, layouts: list[str], out: Path, with_profile: bool = False) -> None:
     """One process's decode speeds for `layouts` of a built size (no adapter and adapter a), and optionally the
     resident layout's kernel profile: the child that `env_ab` starts with and without an environment setting."""
-    import torch  # noqa: F401  (first: onnxruntime-gpu finds the CUDA libraries torch brings)
-    from transformers import AutoTokenizer
-
-    from olive_lab.lm import prompt_text
-
-    state = json.loads((size_root(work, size, None) / "state.json").read_text())
-    tok = AutoTokenizer.from_pretrained(state["base"])
-    ids = tok(prompt_text(tok, SPEED_PROMPT), add_special_tokens=False).input_ids
+    state, ids = built_state(size_root(work, size, None))
     result: dict = {"ort": {}}
     for name in layouts:
         runs = ort_genai(Path(state["variants"][name]), ids, [None, ADAPTERS[0]])
@@ -307,6 +300,9 @@ def measure_layouts(size: str, work: Path, layouts: list[str], out: Path, with_p
     if with_profile:
         result["profile"] = kernel_profile(Path(state["variants"]["resident"]), ids, None)
     out.write_text(json.dumps(result))
+
+
+ENV_AB_LAYOUTS = ("resident", "branches")  # the CUDA default, and the best no-adapter speed it is held against
 
 
 def env_ab(size: str, work: Path, setting: str, repeats: int, out: Path) -> None:
@@ -328,17 +324,18 @@ def env_ab(size: str, work: Path, setting: str, repeats: int, out: Path) -> None
                 env[name] = value
             child_out = work / f"env_ab-{arm}-{i}.json"
             cmd = [sys.executable, "-m", "bench.cuda_lora", "measure-one", "--size", size, "--work", str(work),
-                   "--layouts", "resident,branches", "--out", str(child_out)]  # fmt: skip
+                   "--layouts", ",".join(ENV_AB_LAYOUTS), "--out", str(child_out)]  # fmt: skip
             if i == 0:
                 cmd.append("--with-profile")
-            subprocess.run(cmd, env=env, check=True)
+            if subprocess.run(cmd, env=env).returncode != 0:
+                raise SystemExit(f"env-ab: the {arm} child {i} failed (its error is above): {' '.join(cmd)}")
             arms[arm].append(json.loads(child_out.read_text()))
             speeds = {k: {a: r["decode_tok_s"] for a, r in v.items()} for k, v in arms[arm][-1]["ort"].items()}
             print(arm, i, speeds, flush=True)
     medians = {
         arm: {
             layout: {a: statistics.median(run["ort"][layout][a]["decode_tok_s"] for run in runs) for a in ("base", "a")}
-            for layout in ("resident", "branches")
+            for layout in ENV_AB_LAYOUTS
         }
         for arm, runs in arms.items()
     }
@@ -350,7 +347,7 @@ def env_ab(size: str, work: Path, setting: str, repeats: int, out: Path) -> None
         "decode_tok_s": medians,
         "with_over_without": {
             layout: {a: round(medians["with"][layout][a] / medians["without"][layout][a], 3) for a in ("base", "a")}
-            for layout in ("resident", "branches")
+            for layout in ENV_AB_LAYOUTS
         },
         # the cuda-lora issue's cost: an active adapter on the resident model against the best no-adapter speed
         "adapter_cost_vs_best_no_adapter": {
@@ -361,7 +358,7 @@ def env_ab(size: str, work: Path, setting: str, repeats: int, out: Path) -> None
             run["ort"][layout][a]["tokens"] == arms["without"][0]["ort"][layout][a]["tokens"]
             for runs in arms.values()
             for run in runs
-            for layout in ("resident", "branches")
+            for layout in ENV_AB_LAYOUTS
             for a in ("base", "a")
         ),
         "profile": {arm: runs[0].get("profile") for arm, runs in arms.items()},
@@ -494,6 +491,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="env-ab: processes per arm")
     parser.add_argument("--with-profile", action="store_true", help="measure-one: also profile the resident layout")
     args = parser.parse_args()
+    env_name, equals, _ = args.env.partition("=")
+    if args.step == "env-ab" and not (env_name and equals):
+        parser.error(f"--env: expected NAME=VALUE, got {args.env!r}")
+    if args.step == "measure-one" and args.out is None:
+        parser.error("measure-one: --out is required (the child's JSON for env-ab)")
     if args.step == "build":
         build(args.size, args.work, args.tokenizer_dir or None, args.block_size, tuple(args.layouts.split(",")),
               args.lm_head)  # fmt: skip
