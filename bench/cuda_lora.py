@@ -7,7 +7,10 @@ two adapters, for every multi-LoRA layout, at the default model's size and at Ph
     python -m bench.cuda_lora build|measure --size phi35 --block-size 128 --layouts plain,resident --no-torch
     python -m bench.cuda_lora profile --size phi35 [--block-size N]        # GPU kernel time per token (CUPTI)
     python -m bench.cuda_lora scale-report [--work DIR]                   # bench/results/<date>-cuda-scale.json
-    python -m bench.cuda_lora env-ab --size default --env CUBLAS_WORKSPACE_CONFIG=:0:0 [--repeats 3]
+    python -m bench.cuda_lora env-ab --size default --env CUBLAS_WORKSPACE_CONFIG=:0:0 [--repeats 3] [--layouts plain]
+    python -m bench.cuda_lora build --size default --builder-option is_symmetric=true   # a build of its own
+    python -m bench.cuda_lora build-ab --size default --builder-option is_symmetric=true  # that build against the
+                                                                                          # config's, by process
 
 Decode speed does not depend on the weights' values, so the models are random (olive_lab.base_model's `random`
 source) in the default model's shape (SmolLM2-135M, Llama) and in Phi-3.5-mini's (conf/model/phi35_mini_shape.yaml),
@@ -102,14 +105,29 @@ def lora_variant(plain: Path, out: Path, layout: str, hf_dir: Path, peft: dict[s
     return out
 
 
-def size_root(work: Path, size: str, block_size: int | None, lm_head: str = "int8") -> Path:
+def size_root(
+    work: Path, size: str, block_size: int | None, lm_head: str = "int8", builder: dict[str, str] | None = None
+) -> Path:
+    """A build's folder: the size, then whatever differs from the config's builder call (block, lm_head, options)."""
     name = size if block_size is None else f"{size}-b{block_size}"
-    return work / (name if lm_head == "int8" else f"{name}-head-{lm_head}")
+    name = name if lm_head == "int8" else f"{name}-head-{lm_head}"
+    return work / "-".join([name, *(f"{k}-{v}" for k, v in sorted((builder or {}).items()))])
+
+
+def parse_settings(pairs: list[str] | None, what: str) -> dict[str, str]:
+    """NAME=VALUE strings (repeatable CLI options) as a dict; one line and exit 2 for a malformed one."""
+    settings = {}
+    for pair in pairs or []:
+        key, equals, value = pair.partition("=")
+        if not (key and equals):
+            raise SystemExit(f"{what}: expected NAME=VALUE, got {pair!r}")
+        settings[key] = value
+    return settings
 
 
 def build(size: str, work: Path, tokenizer_dir: str | None, block_size: int | None = None,
           layouts: tuple[str, ...] = ("branches_if", "plain", "branches", "resident"),
-          lm_head: str = "int8") -> None:  # fmt: skip
+          lm_head: str = "int8", builder_opts: dict[str, str] | None = None) -> None:  # fmt: skip
     from olive_lab.base_model import materialize
     from olive_lab.lora import random_adapter
     from olive_lab.onnx.build import export_model, set_cuda_graph
@@ -117,7 +135,7 @@ def build(size: str, work: Path, tokenizer_dir: str | None, block_size: int | No
     from olive_lab.onnx.rope import capturable_longrope
 
     conf = model_conf(size, tokenizer_dir)
-    root = size_root(work, size, block_size, lm_head)
+    root = size_root(work, size, block_size, lm_head, builder_opts)
     base = work / size / "base"  # one set of random weights per size, whatever the block
     timings = {}
     start = time.time()
@@ -135,7 +153,7 @@ def build(size: str, work: Path, tokenizer_dir: str | None, block_size: int | No
     builder = root / "builder" / "model"
     if not (builder / "genai_config.json").exists():
         export_model(base, builder, precision="int4", block_size=block_size or conf["group_size"], accuracy_level=4,
-                     execution_provider="cuda", lm_head=lm_head)  # fmt: skip
+                     execution_provider="cuda", lm_head=lm_head, extra_options=builder_opts)  # fmt: skip
     timings["builder_s"] = round(time.time() - start, 1)
     hf_config = json.loads((base / "config.json").read_text())
     # the builder's graph as the optimize stage left it before the Where: the If (if any) keeps CUDA graphs off
@@ -156,6 +174,7 @@ def build(size: str, work: Path, tokenizer_dir: str | None, block_size: int | No
     if not rope_rewritten and "branches_if" in variants:  # nothing to compare: the builder's graph has no If
         shutil.rmtree(variants.pop("branches_if"))
     state = {"conf": conf["name"], "block_size": block_size or conf["group_size"], "lm_head": lm_head,
+             "builder_options": builder_opts or {},
              "base": str(base), "peft": {k: str(v) for k, v in peft.items()},
              "variants": {k: str(v) for k, v in variants.items()}, "timings": timings}  # fmt: skip
     (root / "state.json").write_text(json.dumps(state, indent=2))
@@ -289,79 +308,114 @@ def profile_step(size: str, work: Path, block_size: int | None) -> None:
     (root / "profile.json").write_text(json.dumps(result, indent=2))
 
 
-def measure_layouts(size: str, work: Path, layouts: list[str], out: Path, with_profile: bool = False) -> None:
-    """One process's decode speeds for `layouts` of a built size (no adapter and adapter a), and optionally the
-    resident layout's kernel profile: the child that `env_ab` starts with and without an environment setting."""
-    state, ids = built_state(size_root(work, size, None))
-    result: dict = {"ort": {}}
+def measure_layouts(
+    size: str, work: Path, layouts: list[str], out: Path, with_profile: bool = False, builder: dict | None = None
+) -> None:
+    """One process's decode speeds for `layouts` of a built size (no adapter and adapter a; `plain` has no adapters),
+    and optionally each layout's kernel profile with no adapter: the child that `ab` starts for each arm."""
+    state, ids = built_state(size_root(work, size, None, builder=builder))
+    missing = [name for name in layouts if name not in state["variants"]]
+    if missing:
+        built = ", ".join(state["variants"])
+        raise SystemExit(f"measure-one: {', '.join(missing)} not built for {size} (built: {built})")
+    result: dict = {"ort": {}, "profile": {}}
     for name in layouts:
-        runs = ort_genai(Path(state["variants"][name]), ids, [None, ADAPTERS[0]])
+        runs = ort_genai(Path(state["variants"][name]), ids, adapter_names(name))
         result["ort"][name] = {k: v for k, v in runs.items() if k != "switching_gives_same_tokens"}
-    if with_profile:
-        result["profile"] = kernel_profile(Path(state["variants"]["resident"]), ids, None)
+        if with_profile:
+            result["profile"][name] = kernel_profile(Path(state["variants"][name]), ids, None)
     out.write_text(json.dumps(result))
 
 
-ENV_AB_LAYOUTS = ("resident", "branches")  # the CUDA default, and the best no-adapter speed it is held against
+def adapter_names(layout: str) -> list[str | None]:
+    """What an A/B measures per layout: no adapter, and adapter a where the layout has adapters."""
+    return [None] if layout == "plain" else [None, ADAPTERS[0]]
 
 
-def env_ab(size: str, work: Path, setting: str, repeats: int, out: Path) -> None:
-    """A/B of one environment setting (NAME=VALUE, read when the CUDA libraries start, so one process per reading):
-    child processes take turns without and with it, `repeats` times each, measuring the resident and branches
-    layouts; per layout and adapter the median decode tok/s of each arm and their ratio."""
+# the CUDA default, and the best no-adapter speed it is held against: an A/B always measures these two
+AB_LAYOUTS = ("resident", "branches")
+
+
+def ab(size: str, work: Path, arms: dict[str, dict], repeats: int, out: Path, extra_layouts: tuple[str, ...] = (),
+       about: dict | None = None) -> None:  # fmt: skip
+    """A/B of two arms, each a child process per reading (an environment setting is read when a session is created,
+    and a process's first session decodes faster than later ones): `arms` maps "without"/"with" to {"env": the
+    variables to set (None: unset), "builder": the build's options}. The arms take turns, `repeats` times each, and
+    neither always goes first. Per layout (resident, branches and `extra_layouts`, e.g. plain) and adapter: each arm's
+    median decode tok/s and their ratio, and whether the greedy tokens are the same; the first child of each arm
+    also profiles every layout's kernels."""
     import os
     import statistics
     import subprocess
     import sys
 
-    name, _, value = setting.partition("=")
-    arms: dict[str, list[dict]] = {"without": [], "with": []}
+    layouts = (*AB_LAYOUTS, *(x for x in extra_layouts if x not in AB_LAYOUTS))
+    runs_of: dict[str, list[dict]] = {arm: [] for arm in arms}
+    order = list(arms)
     for i in range(repeats):
-        for arm in ("without", "with") if i % 2 == 0 else ("with", "without"):  # neither arm always goes first
+        for arm in order if i % 2 == 0 else order[::-1]:
             env = dict(os.environ)
-            env.pop(name, None)
-            if arm == "with":
-                env[name] = value
-            child_out = work / f"env_ab-{arm}-{i}.json"
+            for key, value in arms[arm].get("env", {}).items():
+                env.pop(key, None)
+                if value is not None:
+                    env[key] = value
+            child_out = work / f"ab-{arm}-{i}.json"
             cmd = [sys.executable, "-m", "bench.cuda_lora", "measure-one", "--size", size, "--work", str(work),
-                   "--layouts", ",".join(ENV_AB_LAYOUTS), "--out", str(child_out)]  # fmt: skip
+                   "--layouts", ",".join(layouts), "--out", str(child_out)]  # fmt: skip
+            for key, value in arms[arm].get("builder", {}).items():
+                cmd += ["--builder-option", f"{key}={value}"]
             if i == 0:
                 cmd.append("--with-profile")
             if subprocess.run(cmd, env=env).returncode != 0:
-                raise SystemExit(f"env-ab: the {arm} child {i} failed (its error is above): {' '.join(cmd)}")
-            arms[arm].append(json.loads(child_out.read_text()))
-            speeds = {k: {a: r["decode_tok_s"] for a, r in v.items()} for k, v in arms[arm][-1]["ort"].items()}
+                raise SystemExit(f"ab: the {arm} child {i} failed (its error is above): {' '.join(cmd)}")
+            runs_of[arm].append(json.loads(child_out.read_text()))
+            speeds = {k: {a: r["decode_tok_s"] for a, r in v.items()} for k, v in runs_of[arm][-1]["ort"].items()}
             print(arm, i, speeds, flush=True)
     medians = {
         arm: {
-            layout: {a: statistics.median(run["ort"][layout][a]["decode_tok_s"] for run in runs) for a in ("base", "a")}
-            for layout in ENV_AB_LAYOUTS
+            layout: {
+                a or "base": statistics.median(run["ort"][layout][a or "base"]["decode_tok_s"] for run in runs)
+                for a in adapter_names(layout)
+            }
+            for layout in layouts
         }
-        for arm, runs in arms.items()
+        for arm, runs in runs_of.items()
     }
+    first = runs_of[order[0]][0]["ort"]
     result = {
         "date": str(date.today()),
         "size": size,
-        "setting": setting,
+        **(about or {}),
+        "arms": arms,
         "repeats": repeats,
         "decode_tok_s": medians,
         "with_over_without": {
-            layout: {a: round(medians["with"][layout][a] / medians["without"][layout][a], 3) for a in ("base", "a")}
-            for layout in ENV_AB_LAYOUTS
+            layout: {a: round(medians["with"][layout][a] / medians["without"][layout][a], 3) for a in speeds}
+            for layout, speeds in medians["without"].items()
         },
         # the cuda-lora issue's cost: an active adapter on the resident model against the best no-adapter speed
         "adapter_cost_vs_best_no_adapter": {
             arm: round(1 - m["resident"]["a"] / max(m["resident"]["base"], m["branches"]["base"]), 3)
             for arm, m in medians.items()
         },
-        "same_greedy_tokens": all(
-            run["ort"][layout][a]["tokens"] == arms["without"][0]["ort"][layout][a]["tokens"]
-            for runs in arms.values()
-            for run in runs
-            for layout in ENV_AB_LAYOUTS
-            for a in ("base", "a")
-        ),
-        "profile": {arm: runs[0].get("profile") for arm, runs in arms.items()},
+        # per arm: every reading gives the first reading's tokens; across arms: the same tokens as the first arm
+        "same_greedy_tokens_within_arm": {
+            arm: all(
+                run["ort"][layout][a]["tokens"] == runs[0]["ort"][layout][a]["tokens"]
+                for run in runs
+                for layout in layouts
+                for a in medians[arm][layout]
+            )
+            for arm, runs in runs_of.items()
+        },
+        "same_greedy_tokens": {
+            layout: {
+                a: all(runs[0]["ort"][layout][a]["tokens"] == first[layout][a]["tokens"] for runs in runs_of.values())
+                for a in medians[order[0]][layout]
+            }
+            for layout in layouts
+        },
+        "profile": {arm: runs[0].get("profile") for arm, runs in runs_of.items()},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -476,29 +530,37 @@ def scale_report(work: Path, out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "step", choices=("build", "measure", "profile", "report", "scale-report", "env-ab", "measure-one")
+        "step",
+        choices=("build", "measure", "profile", "report", "scale-report", "env-ab", "build-ab", "measure-one"),
     )
     parser.add_argument("--size", choices=("default", "phi35"), default="default")
     parser.add_argument("--work", type=Path, default=Path("/tmp/cuda_lora"))
     parser.add_argument("--tokenizer-dir", default=".gpu/tokenizer", help="borrowed tokenizer folder ('' for the GGUF)")
     parser.add_argument("--block-size", type=int, default=None, help="int4 block (default: the config's group size)")
-    parser.add_argument("--layouts", default="branches_if,plain,branches,resident", help="variants to build")
+    parser.add_argument("--layouts", default=None, help="build: variants to build (default "
+                        "branches_if,plain,branches,resident); env-ab: layouts to measure besides resident,branches")  # fmt: skip
     parser.add_argument("--no-torch", action="store_true", help="measure: skip torch eager")
     parser.add_argument("--lm-head", default="int8", help="build/measure: optimize.lm_head (int8, int4, fp32)")
     parser.add_argument("--out", type=Path, default=None, help="default: bench/results/<date>-cuda-lora.json "
                         "(scale-report: <date>-cuda-scale.json)")  # fmt: skip
     parser.add_argument("--env", default="CUBLAS_WORKSPACE_CONFIG=:0:0", help="env-ab: the NAME=VALUE to compare")
     parser.add_argument("--repeats", type=int, default=3, help="env-ab: processes per arm")
-    parser.add_argument("--with-profile", action="store_true", help="measure-one: also profile the resident layout")
+    parser.add_argument("--with-profile", action="store_true", help="measure-one: also profile each layout's kernels")
+    parser.add_argument("--builder-option", action="append", metavar="KEY=VALUE", help="build/measure-one: a builder "
+                        "option, with its own folder (repeatable); build-ab: the 'with' arm's build")  # fmt: skip
     args = parser.parse_args()
-    env_name, equals, _ = args.env.partition("=")
-    if args.step == "env-ab" and not (env_name and equals):
-        parser.error(f"--env: expected NAME=VALUE, got {args.env!r}")
+    args.layouts_given = args.layouts is not None
+    args.layouts = args.layouts or "branches_if,plain,branches,resident"
+    env_setting = parse_settings([args.env], "--env")
+    builder_opts = parse_settings(args.builder_option, "--builder-option")
+    if args.step == "build-ab" and not builder_opts:
+        parser.error("build-ab: give the 'with' arm's build with --builder-option KEY=VALUE")
+    extra_layouts = tuple(args.layouts.split(",")) if args.layouts_given else ()
     if args.step == "measure-one" and args.out is None:
         parser.error("measure-one: --out is required (the child's JSON for env-ab)")
     if args.step == "build":
         build(args.size, args.work, args.tokenizer_dir or None, args.block_size, tuple(args.layouts.split(",")),
-              args.lm_head)  # fmt: skip
+              args.lm_head, builder_opts)  # fmt: skip
     elif args.step == "measure":
         measure(args.size, args.work, args.block_size, not args.no_torch, args.lm_head)
     elif args.step == "profile":
@@ -506,10 +568,17 @@ def main() -> None:
     elif args.step == "report":
         report(args.work, args.out or Path(f"bench/results/{date.today()}-cuda-lora.json"))
     elif args.step == "env-ab":
-        env_ab(args.size, args.work, args.env, args.repeats,
-               args.out or Path(f"bench/results/{date.today()}-cuda-lora-env-ab-{args.size}.json"))  # fmt: skip
+        arms = {"without": {"env": dict.fromkeys(env_setting)}, "with": {"env": env_setting}}
+        ab(args.size, args.work, arms, args.repeats,
+           args.out or Path(f"bench/results/{date.today()}-cuda-lora-env-ab-{args.size}.json"), extra_layouts,
+           {"setting": args.env})  # fmt: skip
+    elif args.step == "build-ab":
+        arms = {"without": {"builder": {}}, "with": {"builder": builder_opts}}
+        ab(args.size, args.work, arms, args.repeats,
+           args.out or Path(f"bench/results/{date.today()}-cuda-lora-build-ab-{args.size}.json"),
+           extra_layouts)  # fmt: skip
     elif args.step == "measure-one":
-        measure_layouts(args.size, args.work, args.layouts.split(","), args.out, args.with_profile)
+        measure_layouts(args.size, args.work, args.layouts.split(","), args.out, args.with_profile, builder_opts)
     else:
         scale_report(args.work, args.out or Path(f"bench/results/{date.today()}-cuda-scale.json"))
 

@@ -4,8 +4,9 @@
 #
 # Prepare where there is internet, from the repository root:  make wheelhouse gpu-tokenizer
 # then copy the repository (with .wheelhouse/ and .gpu/) to the GPU host and, from its root:
-#     bash bench/gpu/run_cuda_lora.sh [install|build SIZE|measure SIZE|report|env-ab SIZE NAME=VALUE|all]
-#     SIZE: default | phi35; env-ab: child processes with and without one environment setting, taking turns
+#     bash bench/gpu/run_cuda_lora.sh [install|build SIZE|measure SIZE|report|env-ab SIZE NAME=VALUE [LAYOUTS]|all]
+#     SIZE: default | phi35; env-ab: child processes with and without one environment setting, taking turns;
+#     env-ab SIZE NAME=VALUE plain also measures the plain model
 # Every step fits in 10 minutes on one H200; the state lives in /tmp/cuda_lora (WORK to change it).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -15,7 +16,8 @@ step=${1:-all}; shift || true
 case "$step" in
   install) install ;;
   build|measure) python3 -m bench.cuda_lora "$step" --size "${1:?size: default or phi35}" --work "$WORK" ;;
-  env-ab) python3 -m bench.cuda_lora env-ab --size "${1:?size: default or phi35}" --env "${2:?NAME=VALUE}" --work "$WORK" ;;
+  env-ab) python3 -m bench.cuda_lora env-ab --size "${1:?size: default or phi35}" --env "${2:?NAME=VALUE}" --work "$WORK" \
+            ${3:+--layouts "$3"} ;;
   report) python3 -m bench.cuda_lora report --work "$WORK" --out "bench/results/$(date +%F)-cuda-lora.json" ;;
   all)
     install
@@ -24,5 +26,5 @@ case "$step" in
       python3 -m bench.cuda_lora measure --size $size --work "$WORK"
     done
     python3 -m bench.cuda_lora report --work "$WORK" --out "bench/results/$(date +%F)-cuda-lora.json" ;;
-  *) echo "usage: $0 [install|build SIZE|measure SIZE|report|env-ab SIZE NAME=VALUE|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 [install|build SIZE|measure SIZE|report|env-ab SIZE NAME=VALUE [LAYOUTS]|all]" >&2; exit 2 ;;
 esac
