@@ -4,9 +4,10 @@
 #
 # Prepare where there is internet, from the repository root:  make wheelhouse gpu-tokenizer
 # then copy the repository (with .wheelhouse/ and .gpu/) to the GPU host and, from its root:
-#     bash bench/gpu/run_cuda_lora.sh [install|build SIZE|measure SIZE|report|env-ab SIZE NAME=VALUE [LAYOUTS]|all]
+#     bash bench/gpu/run_cuda_lora.sh [install|build SIZE|measure SIZE|report|env-ab SIZE NAME=VALUE [LAYOUTS]|build-ab SIZE KEY=VALUE...|all]
 #     SIZE: default | phi35; env-ab: child processes with and without one environment setting, taking turns;
-#     env-ab SIZE NAME=VALUE plain also measures the plain model
+#     env-ab SIZE NAME=VALUE plain also measures the plain model; build-ab SIZE KEY=VALUE...: builds the config's
+#     model and one with these builder options, then measures them against each other the same way (plain included)
 # Every step fits in 10 minutes on one H200; the state lives in /tmp/cuda_lora (WORK to change it).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -18,6 +19,13 @@ case "$step" in
   build|measure) python3 -m bench.cuda_lora "$step" --size "${1:?size: default or phi35}" --work "$WORK" ;;
   env-ab) python3 -m bench.cuda_lora env-ab --size "${1:?size: default or phi35}" --env "${2:?NAME=VALUE}" --work "$WORK" \
             ${3:+--layouts "$3"} ;;
+  build-ab)
+    size=${1:?size: default or phi35}; shift
+    [ $# -gt 0 ] || { echo "build-ab: give builder options as KEY=VALUE" >&2; exit 2; }
+    opts=(); for o in "$@"; do opts+=(--builder-option "$o"); done
+    python3 -m bench.cuda_lora build --size "$size" --work "$WORK" --layouts plain,branches,resident
+    python3 -m bench.cuda_lora build --size "$size" --work "$WORK" --layouts plain,branches,resident "${opts[@]}"
+    python3 -m bench.cuda_lora build-ab --size "$size" --work "$WORK" --layouts plain "${opts[@]}" ;;
   report) python3 -m bench.cuda_lora report --work "$WORK" --out "bench/results/$(date +%F)-cuda-lora.json" ;;
   all)
     install
@@ -26,5 +34,5 @@ case "$step" in
       python3 -m bench.cuda_lora measure --size $size --work "$WORK"
     done
     python3 -m bench.cuda_lora report --work "$WORK" --out "bench/results/$(date +%F)-cuda-lora.json" ;;
-  *) echo "usage: $0 [install|build SIZE|measure SIZE|report|env-ab SIZE NAME=VALUE [LAYOUTS]|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 [install|build SIZE|measure SIZE|report|env-ab SIZE NAME=VALUE [LAYOUTS]|build-ab SIZE KEY=VALUE...|all]" >&2; exit 2 ;;
 esac
