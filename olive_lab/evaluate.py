@@ -1,6 +1,7 @@
 """Quality, speed and size of every variant of the model.
 
-Variants: fp32 base, RTN int4, AWQ int4, AWQ + each adapter (PyTorch); ONNX int4 alone and + each adapter (ORT).
+Variants: fp32 base, RTN int4, the quantize stage's int4 (quantize.method) alone and + each adapter (PyTorch); ONNX
+int4 alone and + each adapter (ORT).
 Per variant: held-out loss and perplexity per task, trip_json JSON-valid rate and field accuracy (where it matters)
 on the eval split and, as `trip_json_ood`, on hand-written out-of-distribution requests (data/ood/), size on disk;
 for ONNX variants also time to first token, decode tokens/s and peak RSS (measured in a fresh process).

@@ -18,7 +18,7 @@ TRIP_JSON_OOD = DATA_DIR / "ood" / "trip_json_ood.jsonl"
 
 MODELS = Path("models")
 BASE_MODEL = MODELS / "base"  # Hugging Face folder, fp32 (base stage)
-QUANTIZED = MODELS / "quantized"  # fake-quantized AWQ int4 Hugging Face folder (quantize stage)
+QUANTIZED = MODELS / "quantized"  # fake-quantized int4 Hugging Face folder (quantize stage, quantize.method)
 ADAPTERS = MODELS / "adapters"  # <task>/: PEFT LoRA folders (finetune stage)
 ONNX = MODELS / "onnx"  # model/ (ORT GenAI) + adapters/<task>.onnx_adapter (optimize stage)
 UPLOAD = MODELS / "upload"  # model.yml + receipt.json (upload stage)
