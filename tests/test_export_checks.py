@@ -22,6 +22,25 @@ def test_the_committed_run_passes_with_room():
     assert min(m["argmax_agreement"] for m in COMMITTED["agreement"].values()) > MIN_ARGMAX_AGREEMENT + 0.05
 
 
+def torch_loss(variant: str) -> float:
+    return COMMITTED["agreement"][variant]["loss_torch"]
+
+
+def loss_off_by(variant: str, delta: float):
+    """An edit that puts `variant`'s ONNX loss `delta` above torch's, and the line the rule (5 % + 0.01) then gives:
+    computed from the committed run's torch loss, which moves with the host's floating point (README, GPTQ)."""
+    torch, onnx = torch_loss(variant), torch_loss(variant) + delta
+    bound = 0.05 * torch + 0.01
+    says = (
+        None
+        if delta <= bound
+        else (
+            f"models/onnx: agreement.{variant}.loss_onnx {onnx:.4f} is more than {bound:.4f} from torch's {torch:.4f}"
+        )
+    )
+    return (lambda c: c["agreement"][variant].update(loss_onnx=onnx)), says
+
+
 @pytest.mark.parametrize(
     "edit, says",
     [
@@ -29,12 +48,9 @@ def test_the_committed_run_passes_with_room():
          "models/onnx: int4_grid_error.max_rel 0.0700 is over 0.0667 (1/15)"),
         (lambda c: c["agreement"]["travel"].update(argmax_agreement=0.8999),
          "models/onnx: agreement.travel.argmax_agreement 0.8999 is under 0.9"),
-        (lambda c: c["agreement"]["base"].update(loss_onnx=3.16),  # torch 2.9247: bound 0.1562
-         "models/onnx: agreement.base.loss_onnx 3.1600 is more than 0.1562 from torch's 2.9247"),
-        (lambda c: c["agreement"]["trip_json"].update(loss_onnx=0.047),  # 16 % over a near-zero loss, within 0.01
-         None),
-        (lambda c: c["agreement"]["trip_json"].update(loss_onnx=0.06),  # torch 0.0405: bound 0.0120
-         "models/onnx: agreement.trip_json.loss_onnx 0.0600 is more than 0.0120 from torch's 0.0405"),
+        loss_off_by("base", 0.26),  # torch ~2.9: bound ~0.155
+        loss_off_by("trip_json", 0.0065),  # 16 % over a near-zero loss (~0.04), within the 0.01
+        loss_off_by("trip_json", 0.02),  # bound ~0.012
     ],
     ids=["grid", "argmax", "loss", "small-loss-ok", "small-loss"],
 )  # fmt: skip
