@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -111,7 +112,9 @@ def size_root(
     """A build's folder: the size, then whatever differs from the config's builder call (block, lm_head, options)."""
     name = size if block_size is None else f"{size}-b{block_size}"
     name = name if lm_head == "int8" else f"{name}-head-{lm_head}"
-    return work / "-".join([name, *(f"{k}-{v}" for k, v in sorted((builder or {}).items()))])
+    # an option's value may hold a path or a list (nodes_to_exclude=/lm_head/MatMul,...): one folder level each
+    options = (re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{k}-{v}") for k, v in sorted((builder or {}).items()))
+    return work / "-".join([name, *options])
 
 
 def parse_settings(pairs: list[str] | None, what: str) -> dict[str, str]:
@@ -549,18 +552,16 @@ def main() -> None:
     parser.add_argument("--builder-option", action="append", metavar="KEY=VALUE", help="build/measure-one: a builder "
                         "option, with its own folder (repeatable); build-ab: the 'with' arm's build")  # fmt: skip
     args = parser.parse_args()
-    args.layouts_given = args.layouts is not None
-    args.layouts = args.layouts or "branches_if,plain,branches,resident"
-    env_setting = parse_settings([args.env], "--env")
+    layouts = (args.layouts or "branches_if,plain,branches,resident").split(",")
+    extra_layouts = tuple(layouts) if args.layouts else ()  # env-ab/build-ab: only the layouts asked for
     builder_opts = parse_settings(args.builder_option, "--builder-option")
     if args.step == "build-ab" and not builder_opts:
         parser.error("build-ab: give the 'with' arm's build with --builder-option KEY=VALUE")
-    extra_layouts = tuple(args.layouts.split(",")) if args.layouts_given else ()
     if args.step == "measure-one" and args.out is None:
         parser.error("measure-one: --out is required (the child's JSON for env-ab)")
     if args.step == "build":
-        build(args.size, args.work, args.tokenizer_dir or None, args.block_size, tuple(args.layouts.split(",")),
-              args.lm_head, builder_opts)  # fmt: skip
+        build(args.size, args.work, args.tokenizer_dir or None, args.block_size, tuple(layouts), args.lm_head,
+              builder_opts)  # fmt: skip
     elif args.step == "measure":
         measure(args.size, args.work, args.block_size, not args.no_torch, args.lm_head)
     elif args.step == "profile":
@@ -568,6 +569,7 @@ def main() -> None:
     elif args.step == "report":
         report(args.work, args.out or Path(f"bench/results/{date.today()}-cuda-lora.json"))
     elif args.step == "env-ab":
+        env_setting = parse_settings([args.env], "--env")
         arms = {"without": {"env": dict.fromkeys(env_setting)}, "with": {"env": env_setting}}
         ab(args.size, args.work, arms, args.repeats,
            args.out or Path(f"bench/results/{date.today()}-cuda-lora-env-ab-{args.size}.json"), extra_layouts,
@@ -578,7 +580,7 @@ def main() -> None:
            args.out or Path(f"bench/results/{date.today()}-cuda-lora-build-ab-{args.size}.json"),
            extra_layouts)  # fmt: skip
     elif args.step == "measure-one":
-        measure_layouts(args.size, args.work, args.layouts.split(","), args.out, args.with_profile, builder_opts)
+        measure_layouts(args.size, args.work, layouts, args.out, args.with_profile, builder_opts)
     else:
         scale_report(args.work, args.out or Path(f"bench/results/{date.today()}-cuda-scale.json"))
 
