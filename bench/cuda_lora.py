@@ -19,7 +19,9 @@ layouts are graph edits of that one build, sharing its weights file:
 - `branches_if`: the multi-LoRA graph on the builder's output as it is (Phi-3: the LongRoPE If, so no CUDA graph);
 - `plain`: no LoRA at all (LongRoPE as a Where, CUDA graph on): the ceiling;
 - `branches`: today's layout, adapters in .onnx_adapter files (ORT GenAI copies them to the GPU at every step);
-- `resident`: the adapters stacked in the model, the files hold an index (olive_lab.onnx.lora.make_resident).
+- `resident`: the adapters stacked in the model, the files hold an index (olive_lab.onnx.lora.make_resident);
+- `fused`: `resident` with each slot's branch as one olive_lab.LoraResident custom op (olive_lab/kernels, built by
+  `make gpu-kernels`): two CUDA launches per slot instead of five.
 `--block-size` builds with another int4 block than the config's group size (its own folder, <size>-b<N>), for
 the perf-scale issue's share of the bandwidth bound by block size (`scale-report`); `--lm-head` likewise with another
 optimize.lm_head (<...>-head-<kind>). Per layout and adapter: TTFT and decode tok/s (medians of 5 runs of 128
@@ -46,6 +48,7 @@ from bench.cuda_e2e import NEW_TOKENS, ROUNDS, ort_genai, torch_eager
 from olive_lab.decode import SPEED_PROMPT
 
 ADAPTERS = ("a", "b")
+KERNELS = Path(".gpu/kernels/libolive_lab_kernels.so")  # `make gpu-kernels`: the `fused` layout's custom op
 RANK = 16
 # SmolLM2-135M-Instruct's config.json, as random weights
 DEFAULT_ARCH = {
@@ -88,18 +91,23 @@ def variant_folder(src: Path, out: Path) -> Path:
 
 
 def lora_variant(plain: Path, out: Path, layout: str, hf_dir: Path, peft: dict[str, Path]) -> Path:
-    """`plain`'s model with LoRA branches in `layout`, sharing `plain`'s weights file."""
+    """`plain`'s model with LoRA branches in `layout`, sharing `plain`'s weights file (`fused`: the resident layout
+    with olive_lab.LoraResident nodes and the kernel library, KERNELS, in the model folder)."""
+    from olive_lab.kernels import attach
     from olive_lab.onnx.export import weight_names
-    from olive_lab.onnx.lora import add_lora_inputs, make_resident, peft_to_inputs, write_adapter
+    from olive_lab.onnx.lora import add_lora_inputs, fuse_resident, make_resident, peft_to_inputs, write_adapter
 
     if out.exists():
         shutil.rmtree(out)
     proto = variant_folder(plain, out / "model") / "model.onnx"
     config = json.loads((hf_dir / "config.json").read_text())
-    slots = add_lora_inputs(proto, config, layout, weight_names(hf_dir))
+    slots = add_lora_inputs(proto, config, "branches" if layout == "fused" else layout, weight_names(hf_dir))
     values = {name: peft_to_inputs(folder, slots) for name, folder in peft.items()}
-    if layout == "resident":
+    if layout in ("resident", "fused"):
         values = make_resident(proto, slots, values)
+    if layout == "fused":
+        print("fused", fuse_resident(proto), "slots", flush=True)
+        attach(proto.parent, KERNELS)
     (out / "adapters").mkdir(exist_ok=True)
     for name in peft:
         write_adapter(values[name], out / "adapters" / f"{name}.onnx_adapter")
@@ -170,7 +178,7 @@ def build(size: str, work: Path, tokenizer_dir: str | None, block_size: int | No
     rope_rewritten = bool(original) and capturable_longrope(where / "model.onnx", int(original))
     set_cuda_graph(where, True)
     variants["plain"] = where.parent
-    for layout in ("branches", "resident"):
+    for layout in ("branches", "resident", "fused"):
         if layout in layouts:
             variants[layout] = lora_variant(where, root / layout, layout, base, peft)
             set_cuda_graph(variants[layout] / "model", True)
@@ -311,12 +319,11 @@ def profile_step(size: str, work: Path, block_size: int | None) -> None:
     (root / "profile.json").write_text(json.dumps(result, indent=2))
 
 
-def measure_layouts(
-    size: str, work: Path, layouts: list[str], out: Path, with_profile: bool = False, builder: dict | None = None
-) -> None:
+def measure_layouts(size: str, work: Path, layouts: list[str], out: Path, with_profile: bool = False,
+                    builder: dict | None = None, block_size: int | None = None, lm_head: str = "int8") -> None:  # fmt: skip
     """One process's decode speeds for `layouts` of a built size (no adapter and adapter a; `plain` has no adapters),
     and optionally each layout's kernel profile with no adapter: the child that `ab` starts for each arm."""
-    state, ids = built_state(size_root(work, size, None, builder=builder))
+    state, ids = built_state(size_root(work, size, block_size, lm_head, builder))
     missing = [name for name in layouts if name not in state["variants"]]
     if missing:
         built = ", ".join(state["variants"])
@@ -328,6 +335,29 @@ def measure_layouts(
         if with_profile:
             result["profile"][name] = kernel_profile(Path(state["variants"][name]), ids, None)
     out.write_text(json.dumps(result))
+
+
+def kernel_check(out: Path) -> None:
+    """olive_lab.LoraResident on CUDA against numpy at the slot shapes of both sizes (decode and a 71-token prefill):
+    one line per shape, and SystemExit if an error exceeds float16 rounding of the sums."""
+    import torch  # noqa: F401  (first: onnxruntime-gpu finds the CUDA libraries torch brings)
+
+    from olive_lab.kernels import op_error, op_session
+
+    session = op_session(KERNELS, "CUDAExecutionProvider")
+    shapes = {"135m qkv": (576, 960, 96, (48, 96)), "135m down": (1536, 576, 32, (0, 16)),
+              "3.8b qkv": (3072, 9216, 32, (16, 32)), "3.8b down": (8192, 3072, 32, (0, 16)),
+              "3.8b gate_up": (3072, 16384, 32, (16, 32))}  # fmt: skip
+    result = {}
+    for name, (k, n, r, active) in shapes.items():
+        for rows in (1, 71):
+            check = op_error(session, rows, k, n, r, active)
+            result[f"{name} rows={rows}"] = check
+            print(name, rows, check, flush=True)
+    out.write_text(json.dumps(result, indent=2))
+    bad = [k for k, v in result.items() if v["max_abs_error"] > 0.02 * v["max_abs"] or not v["no_adapter_returns_y"]]
+    if bad:
+        raise SystemExit(f"kernel-check: LoraResident disagrees with numpy at {', '.join(bad)}")
 
 
 def adapter_names(layout: str) -> list[str | None]:
@@ -534,7 +564,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "step",
-        choices=("build", "measure", "profile", "report", "scale-report", "env-ab", "build-ab", "measure-one"),
+        choices=(
+            "build",
+            "measure",
+            "profile",
+            "report",
+            "scale-report",
+            "env-ab",
+            "build-ab",
+            "measure-one",
+            "kernel-check",
+        ),
     )
     parser.add_argument("--size", choices=("default", "phi35"), default="default")
     parser.add_argument("--work", type=Path, default=Path("/tmp/cuda_lora"))
@@ -580,7 +620,10 @@ def main() -> None:
            args.out or Path(f"bench/results/{date.today()}-cuda-lora-build-ab-{args.size}.json"),
            extra_layouts)  # fmt: skip
     elif args.step == "measure-one":
-        measure_layouts(args.size, args.work, layouts, args.out, args.with_profile, builder_opts)
+        measure_layouts(args.size, args.work, layouts, args.out, args.with_profile, builder_opts, args.block_size,
+                        args.lm_head)  # fmt: skip
+    elif args.step == "kernel-check":
+        kernel_check(args.out or args.work / "kernel-check.json")
     else:
         scale_report(args.work, args.out or Path(f"bench/results/{date.today()}-cuda-scale.json"))
 

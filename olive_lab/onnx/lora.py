@@ -305,6 +305,54 @@ def make_resident(model_path: Path, slots: list[LoraSlot], adapters: dict[str, d
     return files
 
 
+FUSED_DOMAIN = "olive_lab"  # the custom-op domain of olive_lab/kernels (libolive_lab_kernels.so)
+FUSED_OP = "LoraResident"
+
+
+def fuse_resident(model_path: Path) -> int:
+    """Layout "fused": each slot's resident branch (MatMul A, Mul mask, MatMul B, Add) of a make_resident model as
+    one olive_lab.LoraResident node, whose CUDA kernel (olive_lab/kernels) does it in two launches instead of ORT's
+    five, and skips the adapter products when the mask is all zeros. Rewrites `model_path` in place; returns the
+    number of slots fused. The model then needs the kernel library (genai_config's custom_ops_library)."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    dropped, fused_at = set(), {}
+    for node in graph.node:
+        if node.op_type != "Mul" or not node.name.endswith("/A/Mask"):
+            continue
+        down = producer[node.input[0]]
+        (up,) = consumers[node.output[0]]
+        (add,) = consumers[up.output[0]]
+        if down.op_type != "MatMul" or up.op_type != "MatMul" or add.op_type != "Add":
+            raise StageError(f"{model_path}: {node.name} is not in a resident LoRA branch (MatMul, Mul, MatMul, Add)")
+        base_out = add.input[0] if add.input[1] == up.output[0] else add.input[1]
+        x, a_all, b_all, mask = down.input[0], down.input[1], up.input[1], node.input[1]
+        prefix = node.name[: -len("/A/Mask")]
+        fused_at[add.name] = helper.make_node(
+            FUSED_OP,
+            [base_out, x, a_all, b_all, mask],
+            [add.output[0], f"{prefix}/partial"],
+            name=f"{prefix}/Fused",
+            domain=FUSED_DOMAIN,
+        )
+        dropped |= {down.name, node.name, up.name}
+    body = [fused_at.get(n.name, n) for n in graph.node if n.name not in dropped]
+    graph.ClearField("node")
+    graph.node.extend(body)
+    if fused_at and not any(o.domain == FUSED_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(FUSED_DOMAIN, 1))
+    onnx.save(model, str(model_path))
+    return len(fused_at)
+
+
 def _read_peft(adapter_dir: Path) -> tuple[dict, dict[tuple[int, str, str], np.ndarray]]:
     from safetensors.numpy import load_file
 

@@ -1,0 +1,20 @@
+// Shared by the op's glue (lora_resident.cc) and its CUDA kernels (lora_resident_cuda.cu).
+#pragma once
+#include <stdint.h>
+
+// lora_down splits the K rows of A into blocks of this many; each block writes one partial sum per column.
+constexpr int kRowsPerBlock = 256;
+constexpr int lora_partial_blocks(int K) { return (K + kRowsPerBlock - 1) / kRowsPerBlock; }
+
+struct LoraResidentShape {
+  int M;  // rows of x and y: batch x sequence
+  int K;  // in_features
+  int N;  // out_features
+  int R;  // columns of A (adapters x rank)
+};
+
+// Enqueue the op on `stream` (a cudaStream_t); 0 on success.
+int lora_resident_cuda(void* stream, const LoraResidentShape& shape, const void* y, const void* x, const void* A,
+                       const void* B, const void* mask, void* partial, void* out);
+// Load the kernels (0 on success); called when a session creates the op's kernel, before any graph capture.
+int lora_resident_cuda_warm_up();
