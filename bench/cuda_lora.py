@@ -46,6 +46,7 @@ import yaml
 
 from bench.cuda_e2e import NEW_TOKENS, ROUNDS, ort_genai, torch_eager
 from olive_lab.decode import SPEED_PROMPT
+from olive_lab.paths import BENCH_RESULTS
 
 ADAPTERS = ("a", "b")
 KERNELS = Path(".gpu/kernels/libolive_lab_kernels.so")  # `make gpu-kernels`: the `fused` layout's custom op
@@ -334,6 +335,10 @@ def measure_layouts(size: str, work: Path, layouts: list[str], out: Path, with_p
         result["ort"][name] = {k: v for k, v in runs.items() if k != "switching_gives_same_tokens"}
         if with_profile:
             result["profile"][name] = kernel_profile(Path(state["variants"][name]), ids, None)
+            if name != "plain":
+                result.setdefault("profile_adapter", {})[name] = kernel_profile(
+                    Path(state["variants"][name]), ids, ADAPTERS[0]
+                )
     out.write_text(json.dumps(result))
 
 
@@ -358,6 +363,76 @@ def kernel_check(out: Path) -> None:
     bad = [k for k, v in result.items() if v["max_abs_error"] > 0.02 * v["max_abs"] or not v["no_adapter_returns_y"]]
     if bad:
         raise SystemExit(f"kernel-check: LoraResident disagrees with numpy at {', '.join(bad)}")
+
+
+def layouts_by_process(size: str, work: Path, layouts: list[str], repeats: int, out: Path, block_size: int | None,
+                       lm_head: str) -> None:  # fmt: skip
+    """Each layout in a process of its own (a process's first session decodes faster than its later ones, which
+    biases one process measuring several), `repeats` rounds with the order rotated every round. Per layout and
+    adapter: the median decode tok/s; the cuda-lora issue's adapter cost of `fused` and `resident` against the best
+    no-adapter speed; and how far each layout's greedy tokens follow the resident layout's (random weights' flat
+    logits let float16 rounding part ways: the kernel-check step compares the arithmetic itself)."""
+    import statistics
+    import subprocess
+    import sys
+
+    import torch
+
+    runs: dict[str, list[dict]] = {name: [] for name in layouts}
+    for i in range(repeats):
+        order = layouts[i % len(layouts) :] + layouts[: i % len(layouts)]
+        for name in order:
+            child_out = work / f"layouts-{name}-{i}.json"
+            cmd = [sys.executable, "-m", "bench.cuda_lora", "measure-one", "--size", size, "--work", str(work),
+                   "--layouts", name, "--lm-head", lm_head, "--out", str(child_out)]  # fmt: skip
+            cmd += ["--block-size", str(block_size)] if block_size else []
+            cmd += ["--with-profile"] if i == 0 else []
+            if subprocess.run(cmd).returncode != 0:
+                raise SystemExit(f"layouts: the {name} child {i} failed (its error is above): {' '.join(cmd)}")
+            reading = json.loads(child_out.read_text())
+            runs[name].append(reading)
+            print(i, name, {a: r["decode_tok_s"] for a, r in reading["ort"][name].items()}, flush=True)
+    medians = {
+        name: {
+            a or "base": statistics.median(r["ort"][name][a or "base"]["decode_tok_s"] for r in readings)
+            for a in adapter_names(name)
+        }
+        for name, readings in runs.items()
+    }
+    best_idle = max(m["base"] for name, m in medians.items() if name != "plain")  # of a multi-LoRA graph
+
+    def agreeing_prefix(name: str, adapter: str) -> int:
+        ours, theirs = (
+            runs[name][0]["ort"][name][adapter]["tokens"],
+            runs["resident"][0]["ort"]["resident"][adapter]["tokens"],
+        )
+        return next(
+            (i for i, (x, y) in enumerate(zip(ours, theirs, strict=False)) if x != y), min(len(ours), len(theirs))
+        )
+
+    result = {
+        "date": str(date.today()),
+        "device": torch.cuda.get_device_name(0),
+        "size": size,
+        "block_size": block_size,
+        "lm_head": lm_head,
+        "repeats": repeats,
+        "new_tokens": NEW_TOKENS,
+        "decode_tok_s": medians,
+        "adapter_cost_vs_best_no_adapter": {
+            name: round(1 - medians[name]["a"] / best_idle, 3) for name in ("fused", "resident") if name in medians
+        },
+        "tokens_agreeing_with_resident": {
+            name: {a: agreeing_prefix(name, a) for a in medians[name]}
+            for name in layouts
+            if "resident" in runs and name != "plain"
+        },
+        "profile": {name: readings[0].get("profile", {}).get(name) for name, readings in runs.items()},
+        "profile_adapter": {name: readings[0].get("profile_adapter", {}).get(name) for name, readings in runs.items()},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if not k.startswith("profile")}, indent=2))
 
 
 def adapter_names(layout: str) -> list[str | None]:
@@ -574,6 +649,7 @@ def main() -> None:
             "build-ab",
             "measure-one",
             "kernel-check",
+            "layouts",
         ),
     )
     parser.add_argument("--size", choices=("default", "phi35"), default="default")
@@ -622,6 +698,10 @@ def main() -> None:
     elif args.step == "measure-one":
         measure_layouts(args.size, args.work, layouts, args.out, args.with_profile, builder_opts, args.block_size,
                         args.lm_head)  # fmt: skip
+    elif args.step == "layouts":
+        name = f"{date.today()}-cuda-lora-layouts-{size_root(Path(), args.size, args.block_size, args.lm_head)}.json"
+        layouts_by_process(args.size, args.work, layouts, args.repeats, args.out or BENCH_RESULTS / name,
+                           args.block_size, args.lm_head)  # fmt: skip
     elif args.step == "kernel-check":
         kernel_check(args.out or args.work / "kernel-check.json")
     else:

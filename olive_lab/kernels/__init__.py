@@ -84,7 +84,9 @@ def op_session(library: Path, provider: str = "CPUExecutionProvider"):
 
 def op_error(session, rows: int, k: int, n: int, r: int, active: tuple[int, int], seed: int = 0) -> dict:
     """The op against numpy in float32 on random float16 inputs, the mask's ones on columns [active[0], active[1]):
-    the largest absolute error, the reference's largest value, and whether an all-zero mask returns y exactly."""
+    the largest absolute error, the same for the four ONNX nodes it replaces (which round x @ A, the mask product
+    and the delta to float16 on the way; the op keeps them in float32), the reference's largest value, and whether
+    an all-zero mask returns y exactly."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -97,8 +99,12 @@ def op_error(session, rows: int, k: int, n: int, r: int, active: tuple[int, int]
     (out,) = session.run(["out"], {"y": y, "x": x, "A": a, "B": b, "mask": mask})
     ref = y.astype(np.float32) + ((x.astype(np.float32) @ a.astype(np.float32)) * mask) @ b.astype(np.float32)
     (idle,) = session.run(["out"], {"y": y, "x": x, "A": a, "B": b, "mask": np.zeros(r, np.float16)})
+    f16 = np.float16
+    hidden = ((x.astype(np.float32) @ a.astype(np.float32)).astype(f16) * mask).astype(f16)
+    nodes = (y + (hidden.astype(np.float32) @ b.astype(np.float32)).astype(f16)).astype(np.float32)
     return {
         "max_abs_error": float(np.abs(out.astype(np.float32) - ref).max()),
+        "onnx_nodes_max_abs_error": float(np.abs(nodes - ref).max()),
         "max_abs": float(np.abs(ref).max()),
         "no_adapter_returns_y": bool((idle == y).all()),
     }

@@ -3,7 +3,7 @@
 #include <stdint.h>
 
 // lora_down splits the K rows of A into blocks of this many; each block writes one partial sum per column.
-constexpr int kRowsPerBlock = 256;
+constexpr int kRowsPerBlock = 64;
 constexpr int lora_partial_blocks(int K) { return (K + kRowsPerBlock - 1) / kRowsPerBlock; }
 
 struct LoraResidentShape {

@@ -38,45 +38,44 @@ __device__ void active_span(const __half* mask, int R, int* first, int* last) {
   *last = s_last;
 }
 
+// Lanes run along the columns (a row of A is contiguous, so a warp reads it coalesced), warps along the rows. A
+// block covers few rows (kRowsPerBlock) so that each thread has only a handful of independent loads, all in flight
+// at once: at these sizes the kernel's time is memory latency, not bandwidth. The warps' sums meet in shared memory.
 __global__ void lora_down(const __half* __restrict__ x, const __half* __restrict__ A, const __half* __restrict__ mask,
                           float* __restrict__ partial, int K, int R, int P) {
   int first, last;
   active_span(mask, R, &first, &last);
   if (last < 0) return;  // no adapter: lora_up skips the partials too
   const int p = blockIdx.x, m = blockIdx.y;
-  const int k_begin = p * kRowsPerBlock, k_end = min(K, k_begin + kRowsPerBlock);
-  const __half* xm = x + static_cast<int64_t>(m) * K;
-  __shared__ float s_sum[kThreads / 32][kColumns];
+  constexpr int kWarps = kThreads / 32, kRowsPerWarp = kRowsPerBlock / kWarps;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int k_begin = p * kRowsPerBlock + warp * kRowsPerWarp;
+  const __half* xm = x + static_cast<int64_t>(m) * K;
+  __shared__ float s_sum[kWarps][kColumns];
   for (int j0 = first; j0 <= last; j0 += kColumns) {
-    const int width = min(kColumns, last + 1 - j0);
-    float acc[kColumns];
+    const int j = j0 + lane;
+    float acc = 0.f;
+    if (j <= last) {
 #pragma unroll
-    for (int c = 0; c < kColumns; ++c) acc[c] = 0.f;
-    for (int k = k_begin + threadIdx.x; k < k_end; k += blockDim.x) {
-      const float xk = __half2float(xm[k]);
-      const __half* row = A + static_cast<int64_t>(k) * R + j0;
-#pragma unroll
-      for (int c = 0; c < kColumns; ++c)
-        if (c < width) acc[c] += xk * __half2float(row[c]);
+      for (int i = 0; i < kRowsPerWarp; ++i) {
+        const int k = k_begin + i;
+        if (k < K) acc += __half2float(xm[k]) * __half2float(A[static_cast<int64_t>(k) * R + j]);
+      }
     }
-#pragma unroll
-    for (int c = 0; c < kColumns; ++c) {
-      float v = acc[c];
-      for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
-      if (lane == 0) s_sum[warp][c] = v;
-    }
+    s_sum[warp][lane] = acc;
     __syncthreads();
-    if (threadIdx.x < width) {
+    if (warp == 0 && j <= last) {
       float v = 0.f;
-      for (int w = 0; w < kThreads / 32; ++w) v += s_sum[w][threadIdx.x];
-      const int j = j0 + threadIdx.x;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) v += s_sum[w][lane];
       partial[(static_cast<int64_t>(m) * P + p) * R + j] = v * __half2float(mask[j]);
     }
     __syncthreads();
   }
 }
 
+// Each block first sums the P partials of the active columns (all threads at once, into shared memory), then each
+// thread adds t @ B for one output column (a row of B is contiguous: coalesced across the threads).
 __global__ void lora_up(const __half* __restrict__ y, const __half* __restrict__ B, const __half* __restrict__ mask,
                         const float* __restrict__ partial, __half* __restrict__ out, int N, int R, int P) {
   int first, last;
@@ -85,15 +84,16 @@ __global__ void lora_up(const __half* __restrict__ y, const __half* __restrict__
   const int64_t at = static_cast<int64_t>(m) * N + n;
   extern __shared__ float s_t[];  // t[first .. last]
   const int width = last + 1 - first;
-  for (int j = threadIdx.x; j < width; j += blockDim.x) {
-    float v = 0.f;
-    for (int p = 0; p < P; ++p) v += partial[(static_cast<int64_t>(m) * P + p) * R + first + j];
-    s_t[j] = v;
-  }
+  for (int j = threadIdx.x; j < width; j += blockDim.x) s_t[j] = 0.f;
+  __syncthreads();
+  const float* pm = partial + static_cast<int64_t>(m) * P * R + first;
+  for (int i = threadIdx.x; i < P * width; i += blockDim.x) atomicAdd(&s_t[i % width], pm[(i / width) * R + i % width]);
   __syncthreads();
   if (n >= N) return;
   float v = __half2float(y[at]);
-  for (int j = 0; j < width; ++j) v += s_t[j] * __half2float(B[static_cast<int64_t>(first + j) * N + n]);
+  const __half* column = B + static_cast<int64_t>(first) * N + n;
+#pragma unroll 16
+  for (int j = 0; j < width; ++j) v += s_t[j] * __half2float(column[static_cast<int64_t>(j) * N]);
   out[at] = __float2half(v);
 }
 
