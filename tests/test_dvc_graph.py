@@ -55,3 +55,10 @@ def test_no_entry_point_is_imported_as_a_library():
             ):
                 offenders.append(path.relative_to(ROOT).as_posix())
     assert not offenders, f"these import stages/ or tests/, or patch sys.path: {offenders}"
+
+
+def test_a_package_s_compiled_sources_are_code_deps_of_its_importers():
+    """olive_lab/kernels compiles its C++/CUDA sources into the model folder: editing one re-runs optimize."""
+    deps = code_deps(ROOT / "stages/optimize.py")
+    assert {"olive_lab/kernels/lora_resident.cc", "olive_lab/kernels/lora_resident_cuda.cu"} <= deps
+    assert not any(d.startswith("olive_lab/kernels/") for d in code_deps(ROOT / "stages/data.py"))

@@ -21,6 +21,10 @@ from olive_lab.errors import StageError
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("olive_lab", "stages")  # what the stages may import from this repository
+# Non-Python sources a package compiles when it runs (olive_lab/kernels: the custom-op library): importing the package
+# makes them code deps too
+COMPILED = (".cc", ".cu", ".h")
+CODE = (".py", *COMPILED)
 
 
 def module_file(module: str, root: Path = ROOT) -> Path | None:
@@ -68,7 +72,8 @@ def code_deps(entry: Path, root: Path = ROOT) -> set[str]:
             continue
         seen.add(path)
         todo += [f for m in imported_modules(path, root) if (f := module_file(m, root)) is not None]
-    return {p.relative_to(root).as_posix() for p in seen}
+    compiled = {f for p in seen if p.name == "__init__.py" for f in p.parent.iterdir() if f.suffix in COMPILED}
+    return {p.relative_to(root).as_posix() for p in seen | compiled}
 
 
 def stage_entry(cmd: str, root: Path = ROOT) -> Path:
@@ -84,7 +89,7 @@ def differences(root: Path = ROOT) -> dict[str, tuple[list[str], list[str]]]:
     out = {}
     for name, stage in yaml.safe_load((root / "dvc.yaml").read_text())["stages"].items():
         stage = stage.get("do", stage)  # foreach stages
-        declared = {d for d in stage.get("deps", []) if d.endswith(".py")}
+        declared = {d for d in stage.get("deps", []) if d.endswith(CODE)}
         expected = code_deps(stage_entry(stage["cmd"], root), root)
         if declared != expected:
             out[name] = (sorted(expected - declared), sorted(declared - expected))
@@ -107,7 +112,7 @@ def rewrite(root: Path = ROOT) -> list[str]:
             for dep in sorted(code_deps(stage_entry(spec["cmd"], root), root)):
                 out.append(f"{indent}  - {dep}\n")
             continue
-        if in_deps and re.match(r"^\s+- \S+\.py\s*$", line):
+        if in_deps and re.match(r"^\s+- \S+(\.py|\.cc|\.cu|\.h)\s*$", line):
             continue  # an old code dep: replaced above
         if in_deps and not re.match(r"^\s+- ", line):
             in_deps = False

@@ -2,12 +2,15 @@
 # bench/cuda_lora.py on an offline CUDA host: ORT GenAI decode with and without adapters per multi-LoRA layout, at the
 # default model's size and Phi-3.5-mini's (random weights). Writes bench/results/<date>-cuda-lora.json.
 #
-# Prepare where there is internet, from the repository root:  make wheelhouse gpu-tokenizer
+# Prepare where there is internet, from the repository root:  make wheelhouse gpu-tokenizer gpu-kernels
 # then copy the repository (with .wheelhouse/ and .gpu/) to the GPU host and, from its root:
-#     bash bench/gpu/run_cuda_lora.sh [install|build SIZE|measure SIZE|report|env-ab SIZE NAME=VALUE [LAYOUTS]|build-ab SIZE KEY=VALUE...|all]
+#     bash bench/gpu/run_cuda_lora.sh [install|build SIZE|measure SIZE|report|env-ab SIZE NAME=VALUE [LAYOUTS]|build-ab SIZE KEY=VALUE...|kernel-check|layouts SIZE|all]
 #     SIZE: default | phi35; env-ab: child processes with and without one environment setting, taking turns;
 #     env-ab SIZE NAME=VALUE plain also measures the plain model; build-ab SIZE KEY=VALUE...: builds the config's
-#     model and one with these builder options, then measures them against each other the same way (plain included)
+#     model and one with these builder options, then measures them against each other the same way (plain included);
+#     kernel-check: the fused layout's custom op (.gpu/kernels, `make gpu-kernels`) against numpy on this GPU;
+#     layouts SIZE: builds plain, branches, resident and fused, then measures each layout in its own process
+#     (phi35: int4 block 128 and a dense fp16 lm_head, the best build measured)
 # Every step fits in 10 minutes on one H200; the state lives in /tmp/cuda_lora (WORK to change it).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -26,6 +29,13 @@ case "$step" in
     python3 -m bench.cuda_lora build --size "$size" --work "$WORK" --layouts plain,branches,resident
     python3 -m bench.cuda_lora build --size "$size" --work "$WORK" --layouts plain,branches,resident "${opts[@]}"
     python3 -m bench.cuda_lora build-ab --size "$size" --work "$WORK" --layouts plain "${opts[@]}" ;;
+  kernel-check) python3 -m bench.cuda_lora kernel-check --out "bench/results/$(date +%F)-cuda-lora-kernel-check.json" ;;
+  layouts)
+    size=${1:?size: default or phi35}
+    build=(); [ "$size" = phi35 ] && build=(--block-size 128 --lm-head fp32)
+    python3 -m bench.cuda_lora build --size "$size" --work "$WORK" --layouts plain,branches,resident,fused "${build[@]}"
+    python3 -m bench.cuda_lora layouts --size "$size" --work "$WORK" --layouts fused,resident,branches,plain \
+      --repeats "${REPEATS:-3}" "${build[@]}" ;;
   report) python3 -m bench.cuda_lora report --work "$WORK" --out "bench/results/$(date +%F)-cuda-lora.json" ;;
   all)
     install
@@ -34,5 +44,5 @@ case "$step" in
       python3 -m bench.cuda_lora measure --size $size --work "$WORK"
     done
     python3 -m bench.cuda_lora report --work "$WORK" --out "bench/results/$(date +%F)-cuda-lora.json" ;;
-  *) echo "usage: $0 [install|build SIZE|measure SIZE|report|env-ab SIZE NAME=VALUE [LAYOUTS]|build-ab SIZE KEY=VALUE...|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 [install|build SIZE|measure SIZE|report|env-ab SIZE NAME=VALUE [LAYOUTS]|build-ab SIZE KEY=VALUE...|kernel-check|layouts SIZE|all]" >&2; exit 2 ;;
 esac

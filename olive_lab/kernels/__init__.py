@@ -3,9 +3,11 @@
 It fuses the resident multi-LoRA branch of a projection (olive_lab.onnx.lora.fuse_resident) into two CUDA launches
 instead of ORT's five. The library is C++ (lora_resident.cc: the op's contract and the ORT ABI it uses) plus CUDA
 kernels (lora_resident_cuda.cu), built here with the host's compilers:
-- `build(out_dir, cuda=False)`: g++ only, CPU reference kernel (what the tests load into real ORT sessions);
+- `build(out_dir, cuda=False)`: g++ only, the CPU kernels (float32 models, and the float16 reference the tests run
+  in real ORT sessions);
 - `build(out_dir, cuda=True)`: nvcc, CPU + CUDA kernels, CUDA runtime linked statically (`make gpu-kernels`, which
-  the offline GPU host gets as a file, like the wheelhouse).
+  the offline GPU host gets as a file, like the wheelhouse, named by $OLIVE_LAB_KERNELS).
+`optimize.lora_layout=fused` builds the library for its provider (`library_for`) into the model folder.
 A model that uses the op carries the library in its folder, named in genai_config.json's
 session_options.custom_ops_library (`attach`), which ORT GenAI resolves against the config's folder.
 """
@@ -13,6 +15,7 @@ session_options.custom_ops_library (`attach`), which ORT GenAI resolves against 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -20,6 +23,8 @@ from pathlib import Path
 from olive_lab.errors import StageError
 
 LIBRARY = "libolive_lab_kernels.so"
+# A prebuilt CUDA library for a host without nvcc (the offline GPU host gets `make gpu-kernels`'s output this way)
+PREBUILT_ENV = "OLIVE_LAB_KERNELS"
 SOURCES = Path(__file__).parent
 # SASS for Ampere (A100, sm_80) and Hopper (H100/H200, sm_90), plus PTX the driver can compile for newer GPUs
 CUDA_ARCHS = ("-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
@@ -49,6 +54,17 @@ def build(out_dir: Path, cuda: bool = False) -> Path:
     return out
 
 
+def library_for(execution_provider: str, work_dir: Path) -> Path:
+    """The library a model for `execution_provider` needs: built into `work_dir` (g++ for CPU, nvcc for CUDA), or
+    for CUDA the prebuilt one $OLIVE_LAB_KERNELS names."""
+    prebuilt = os.environ.get(PREBUILT_ENV)
+    if execution_provider == "cuda" and prebuilt:
+        if not Path(prebuilt).is_file():
+            raise StageError(f"${PREBUILT_ENV}={prebuilt}: no such file (build it with `make gpu-kernels`)")
+        return Path(prebuilt)
+    return build(work_dir / "kernels", cuda=execution_provider == "cuda")
+
+
 def attach(model_dir: Path, library: Path) -> None:
     """Copy `library` into the ORT GenAI model folder and name it in genai_config.json (relative: the folder moves)."""
     if not library.is_file():
@@ -60,19 +76,22 @@ def attach(model_dir: Path, library: Path) -> None:
     path.write_text(json.dumps(config, indent=4) + "\n")
 
 
-def op_session(library: Path, provider: str = "CPUExecutionProvider"):
-    """An ORT session of one LoraResident node (inputs y, x, A, B, mask; output out), for checks and tests."""
+def op_session(library: Path, provider: str = "CPUExecutionProvider", dtype: str = "float16"):
+    """An ORT session of one LoraResident node (inputs y, x, A, B, mask of `dtype`; output out), for checks and
+    tests."""
+    import numpy as np
     import onnxruntime as ort
-    from onnx import TensorProto, helper
+    from onnx import helper
 
     names = ("y", "x", "A", "B", "mask")
     shapes = (["rows", "N"], ["rows", "K"], ["K", "R"], ["R", "N"], ["R"])
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     node = helper.make_node("LoraResident", list(names), ["out", "partial"], domain="olive_lab")
     graph = helper.make_graph(
         [node],
         "lora_resident",
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT16, s) for n, s in zip(names, shapes, strict=True)],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT16, ["rows", "N"])],
+        [helper.make_tensor_value_info(n, elem, s) for n, s in zip(names, shapes, strict=True)],
+        [helper.make_tensor_value_info("out", elem, ["rows", "N"])],
     )
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("olive_lab", 1)], ir_version=10
@@ -83,23 +102,24 @@ def op_session(library: Path, provider: str = "CPUExecutionProvider"):
 
 
 def op_error(session, rows: int, k: int, n: int, r: int, active: tuple[int, int], seed: int = 0) -> dict:
-    """The op against numpy in float32 on random float16 inputs, the mask's ones on columns [active[0], active[1]):
+    """The op against numpy in float32 on random inputs of the session's type (op_session's dtype), the mask's ones on columns [active[0], active[1]):
     the largest absolute error, the same for the four ONNX nodes it replaces (which round x @ A, the mask product
     and the delta to float16 on the way; the op keeps them in float32), the reference's largest value, and whether
     an all-zero mask returns y exactly."""
     import numpy as np
 
+    dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
     rng = np.random.default_rng(seed)
-    y = rng.standard_normal((rows, n)).astype(np.float16)
-    x = rng.standard_normal((rows, k)).astype(np.float16)
-    a = (rng.standard_normal((k, r)) / np.sqrt(k)).astype(np.float16)
-    b = rng.standard_normal((r, n)).astype(np.float16)
-    mask = np.zeros(r, np.float16)
+    y = rng.standard_normal((rows, n)).astype(dtype)
+    x = rng.standard_normal((rows, k)).astype(dtype)
+    a = (rng.standard_normal((k, r)) / np.sqrt(k)).astype(dtype)
+    b = rng.standard_normal((r, n)).astype(dtype)
+    mask = np.zeros(r, dtype)
     mask[active[0] : active[1]] = 1
     (out,) = session.run(["out"], {"y": y, "x": x, "A": a, "B": b, "mask": mask})
     ref = y.astype(np.float32) + ((x.astype(np.float32) @ a.astype(np.float32)) * mask) @ b.astype(np.float32)
-    (idle,) = session.run(["out"], {"y": y, "x": x, "A": a, "B": b, "mask": np.zeros(r, np.float16)})
-    f16 = np.float16
+    (idle,) = session.run(["out"], {"y": y, "x": x, "A": a, "B": b, "mask": np.zeros(r, dtype)})
+    f16 = dtype  # the ONNX nodes round to the graph's type
     hidden = ((x.astype(np.float32) @ a.astype(np.float32)).astype(f16) * mask).astype(f16)
     nodes = (y + (hidden.astype(np.float32) @ b.astype(np.float32)).astype(f16)).astype(np.float32)
     return {

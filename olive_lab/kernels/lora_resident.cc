@@ -1,16 +1,16 @@
 // olive_lab.LoraResident: the resident multi-LoRA branch of one projection as a single ONNX Runtime custom op.
 //
 //   inputs:  y [..., N] (the base projection's output), x [..., K] (its input), A [K, R], B [R, N], mask [R]
-//            (all float16; A and B are every adapter's matrices side by side, the mask picks one: see
-//            olive_lab/onnx/lora.make_resident)
-//   outputs: out [..., N] = y + ((x @ A) * mask) @ B      (float16)
+//            (one type for all: float16 on CUDA, float32 or float16 on CPU; A and B are every adapter's matrices
+//            side by side, the mask picks one: see olive_lab/onnx/lora.make_resident)
+//   outputs: out [..., N] = y + ((x @ A) * mask) @ B      (the inputs' type)
 //            partial [M, P, R] (float32): scratch for the CUDA kernels' split of K, read by nothing else
 //
 // Why: on CUDA, ORT runs the four ONNX nodes of that branch as five kernels per slot (a cuBLAS split-K product and
 // its reduce, the mask, the second product, the add), and at the sizes this project targets the launches, not the
 // arithmetic, set the decode speed (README, "Adapters on the GPU"). The CUDA kernels (lora_resident_cuda.cu) do it
-// in two launches and skip the adapter products when the mask is all zero. The CPU kernel is a plain reference: it
-// lets the tests run the op in a real ORT session on any host.
+// in two launches and skip the adapter products when the mask is all zero. The CPU kernel serves CPU models (one op
+// per slot instead of four) and is the reference the tests run in real ORT sessions on any host.
 //
 // ONNX Runtime's C API is a table of function pointers (OrtApi) that only ever grows, so a position in it is stable
 // across releases. This file declares just the entries it calls, by position, rather than vendoring ORT's header
@@ -21,6 +21,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -162,22 +163,45 @@ uint16_t float_to_half(float f) {
   return sign | static_cast<uint16_t>(half);
 }
 
-void lora_resident_cpu(const LoraResidentShape& s, const uint16_t* y, const uint16_t* x, const uint16_t* A,
-                       const uint16_t* B, const uint16_t* mask, float* partial, uint16_t* out) {
+float to_float(float v) { return v; }
+float to_float(uint16_t v) { return half_to_float(v); }
+void store(float v, float* out) { *out = v; }
+void store(float v, uint16_t* out) { *out = float_to_half(v); }
+
+// The CPU kernel: float32 (CPU models) or float16 (the CUDA kernels' reference). Only the mask's active span of A's
+// columns is read, rows of A and B are read contiguously (the inner loops vectorize), and with no adapter y is
+// copied. One thread: ORT gives custom ops no thread pool, and at decode one row is a few thousand multiply-adds.
+template <typename T>
+void lora_resident_cpu(const LoraResidentShape& s, const T* y, const T* x, const T* A, const T* B, const T* mask,
+                       float* partial, T* out) {
+  int first = s.R, last = -1;
+  for (int j = 0; j < s.R; ++j)
+    if (to_float(mask[j]) != 0.f) first = first < j ? first : j, last = j;
   const int P = lora_partial_blocks(s.K);
-  std::vector<float> t(s.R);
+  memset(partial, 0, sizeof(float) * size_t(s.M) * P * s.R);  // scratch: nothing reads it, but it is defined
+  if (last < 0) {
+    memcpy(out, y, sizeof(T) * size_t(s.M) * s.N);
+    return;
+  }
+  const int width = last + 1 - first;
+  std::vector<float> t(width), row(s.N);
   for (int m = 0; m < s.M; ++m) {
-    for (int j = 0; j < s.R; ++j) {
-      float sum = 0.f;
-      for (int k = 0; k < s.K; ++k) sum += half_to_float(x[int64_t(m) * s.K + k]) * half_to_float(A[int64_t(k) * s.R + j]);
-      t[j] = sum * half_to_float(mask[j]);
-      for (int p = 0; p < P; ++p) partial[(int64_t(m) * P + p) * s.R + j] = p == 0 ? t[j] : 0.f;
+    std::fill(t.begin(), t.end(), 0.f);
+    const T* xm = x + int64_t(m) * s.K;
+    for (int k = 0; k < s.K; ++k) {
+      const float xk = to_float(xm[k]);
+      const T* a = A + int64_t(k) * s.R + first;
+      for (int j = 0; j < width; ++j) t[j] += xk * to_float(a[j]);
     }
-    for (int n = 0; n < s.N; ++n) {
-      float v = half_to_float(y[int64_t(m) * s.N + n]);
-      for (int j = 0; j < s.R; ++j) v += t[j] * half_to_float(B[int64_t(j) * s.N + n]);
-      out[int64_t(m) * s.N + n] = float_to_half(v);
+    const T* ym = y + int64_t(m) * s.N;
+    for (int n = 0; n < s.N; ++n) row[n] = to_float(ym[n]);
+    for (int j = 0; j < width; ++j) {
+      const float tj = t[j] * to_float(mask[first + j]);
+      const T* b = B + int64_t(first + j) * s.N;
+      for (int n = 0; n < s.N; ++n) row[n] += tj * to_float(b[n]);
     }
+    T* om = out + int64_t(m) * s.N;
+    for (int n = 0; n < s.N; ++n) store(row[n], om + n);
   }
 }
 
@@ -199,7 +223,8 @@ ort::Status* compute(void* opaque, ort::KernelContext* context) {
             api, ort::KernelContext_GetInput)(context, i, &value))
       return s;
     if (ort::Status* s = ort::describe(api, value, &in[i])) return s;
-    if (in[i].type != ort::kFloat16) return ort::error(api, std::string("LoraResident: input ") + kInputs[i] + " must be float16");
+    if (in[i].type != in[0].type)
+      return ort::error(api, std::string("LoraResident: input ") + kInputs[i] + " differs in type from y");
   }
   const auto &y = in[0].dims, &x = in[1].dims, &A = in[2].dims, &B = in[3].dims, &mask = in[4].dims;
   if (y.empty() || x.size() != y.size() || A.size() != 2 || B.size() != 2 || mask.size() != 1)
@@ -233,10 +258,14 @@ ort::Status* compute(void* opaque, ort::KernelContext* context) {
   void* partial = ort::data_of(api, outputs[1], &status);
   if (status) return status;
   if (M == 0) return nullptr;
+  if (!kernel->cuda && in[0].type == ort::kFloat) {
+    auto f = [&](int i) { return static_cast<const float*>(data[i]); };
+    lora_resident_cpu(shape, f(0), f(1), f(2), f(3), f(4), static_cast<float*>(partial), static_cast<float*>(out));
+    return nullptr;
+  }
   if (!kernel->cuda) {
-    lora_resident_cpu(shape, static_cast<const uint16_t*>(data[0]), static_cast<const uint16_t*>(data[1]),
-                      static_cast<const uint16_t*>(data[2]), static_cast<const uint16_t*>(data[3]),
-                      static_cast<const uint16_t*>(data[4]), static_cast<float*>(partial), static_cast<uint16_t*>(out));
+    auto h = [&](int i) { return static_cast<const uint16_t*>(data[i]); };
+    lora_resident_cpu(shape, h(0), h(1), h(2), h(3), h(4), static_cast<float*>(partial), static_cast<uint16_t*>(out));
     return nullptr;
   }
 #ifdef OLIVE_LAB_CUDA
@@ -261,7 +290,7 @@ ort::Status* create_kernel(const ort::CustomOp*, const ort::Api* api, const ort:
   return nullptr;
 }
 
-template <bool kCuda>
+template <bool kCuda, ort::ElementType kType>
 ort::CustomOp make_op() {
   ort::CustomOp op{};
   op.version = ort::kOpVersion;
@@ -269,9 +298,9 @@ ort::CustomOp make_op() {
   op.GetExecutionProviderType = [](const ort::CustomOp*) -> const char* {
     return kCuda ? "CUDAExecutionProvider" : nullptr;  // null: the CPU provider
   };
-  op.GetInputType = [](const ort::CustomOp*, size_t) { return ort::kFloat16; };
+  op.GetInputType = [](const ort::CustomOp*, size_t) { return kType; };
   op.GetInputTypeCount = [](const ort::CustomOp*) -> size_t { return 5; };
-  op.GetOutputType = [](const ort::CustomOp*, size_t i) { return i == 0 ? ort::kFloat16 : ort::kFloat; };
+  op.GetOutputType = [](const ort::CustomOp*, size_t i) { return i == 0 ? kType : ort::kFloat; };
   op.GetOutputTypeCount = [](const ort::CustomOp*) -> size_t { return 2; };
   op.KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
   op.GetInputCharacteristic = [](const ort::CustomOp*, size_t) { return ort::kRequired; };
@@ -286,10 +315,12 @@ ort::CustomOp make_op() {
   return op;
 }
 
-// ORT keeps pointers to these for as long as a session uses them: static storage.
-const ort::CustomOp kCpuOp = make_op<false>();
+// ORT keeps pointers to these for as long as a session uses them: static storage. One op per (provider, type):
+// ORT merges ops of one name into one schema whose type constraint is the union.
+const ort::CustomOp kCpuOp = make_op<false, ort::kFloat>();
+const ort::CustomOp kCpuOp16 = make_op<false, ort::kFloat16>();
 #ifdef OLIVE_LAB_CUDA
-const ort::CustomOp kCudaOp = make_op<true>();
+const ort::CustomOp kCudaOp = make_op<true, ort::kFloat16>();
 #endif
 
 }  // namespace
@@ -307,6 +338,7 @@ extern "C" __attribute__((visibility("default"))) ort::Status* RegisterCustomOps
     return s;
   auto add = entry<ort::Status* (*)(ort::CustomOpDomain*, const ort::CustomOp*)>(api, ort::CustomOpDomain_Add);
   if (ort::Status* s = add(domain, &kCpuOp)) return s;
+  if (ort::Status* s = add(domain, &kCpuOp16)) return s;
 #ifdef OLIVE_LAB_CUDA
   if (ort::Status* s = add(domain, &kCudaOp)) return s;
 #endif

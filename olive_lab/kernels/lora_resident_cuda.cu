@@ -19,54 +19,38 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kColumns = 32;  // columns of A one pass of lora_down handles (an adapter's rank, padded)
 
-// The mask's active span [first, last], the same for every thread of the block (first > last: no adapter). Warp
-// votes instead of shared atomics: the active columns would otherwise queue on one address.
+// The mask's active span [first, last], the same for every thread of the block.
 __device__ void active_span(const __half* mask, int R, int* first, int* last) {
-  constexpr int kWarps = kThreads / 32;
-  __shared__ int s_first[kWarps], s_last[kWarps];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  int f = R, l = -1;
-  for (int j0 = warp * 32; j0 < R; j0 += kThreads) {  // uniform within the warp, as __ballot_sync needs
-    const int j = j0 + lane;
-    const unsigned on = __ballot_sync(0xffffffffu, j < R && __half2float(mask[j]) != 0.f);
-    if (on) {
-      f = min(f, j0 + __ffs(on) - 1);
-      l = max(l, j0 + 31 - __clz(on));
-    }
-  }
-  if (lane == 0) {
-    s_first[warp] = f;
-    s_last[warp] = l;
+  __shared__ int s_first, s_last;
+  if (threadIdx.x == 0) {
+    s_first = R;
+    s_last = -1;
   }
   __syncthreads();
-  f = R;
-  l = -1;
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) {
-    f = min(f, s_first[w]);
-    l = max(l, s_last[w]);
+  for (int j = threadIdx.x; j < R; j += blockDim.x) {
+    if (__half2float(mask[j]) != 0.f) {
+      atomicMin(&s_first, j);
+      atomicMax(&s_last, j);
+    }
   }
-  *first = f;
-  *last = l;
+  __syncthreads();
+  *first = s_first;
+  *last = s_last;
 }
 
 // Lanes run along the columns (a row of A is contiguous, so a warp reads it coalesced), warps along the rows. A
 // block covers few rows (kRowsPerBlock) so that each thread has only a handful of independent loads, all in flight
-// at once: at these sizes the kernel's time is memory latency, not bandwidth. x is loaded while the mask is read.
-// The warps' sums meet in shared memory.
+// at once: at these sizes the kernel's time is memory latency, not bandwidth. The warps' sums meet in shared memory.
 __global__ void lora_down(const __half* __restrict__ x, const __half* __restrict__ A, const __half* __restrict__ mask,
                           float* __restrict__ partial, int K, int R, int P) {
-  constexpr int kWarps = kThreads / 32, kRowsPerWarp = kRowsPerBlock / kWarps;
-  const int p = blockIdx.x, m = blockIdx.y;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int k_begin = p * kRowsPerBlock + warp * kRowsPerWarp;
-  const __half* xm = x + static_cast<int64_t>(m) * K;
-  float xs[kRowsPerWarp];
-#pragma unroll
-  for (int i = 0; i < kRowsPerWarp; ++i) xs[i] = k_begin + i < K ? __half2float(xm[k_begin + i]) : 0.f;
   int first, last;
   active_span(mask, R, &first, &last);
   if (last < 0) return;  // no adapter: lora_up skips the partials too
+  const int p = blockIdx.x, m = blockIdx.y;
+  constexpr int kWarps = kThreads / 32, kRowsPerWarp = kRowsPerBlock / kWarps;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int k_begin = p * kRowsPerBlock + warp * kRowsPerWarp;
+  const __half* xm = x + static_cast<int64_t>(m) * K;
   __shared__ float s_sum[kWarps][kColumns];
   for (int j0 = first; j0 <= last; j0 += kColumns) {
     const int j = j0 + lane;
@@ -75,7 +59,7 @@ __global__ void lora_down(const __half* __restrict__ x, const __half* __restrict
 #pragma unroll
       for (int i = 0; i < kRowsPerWarp; ++i) {
         const int k = k_begin + i;
-        if (k < K) acc += xs[i] * __half2float(A[static_cast<int64_t>(k) * R + j]);
+        if (k < K) acc += __half2float(xm[k]) * __half2float(A[static_cast<int64_t>(k) * R + j]);
       }
     }
     s_sum[warp][lane] = acc;
@@ -90,53 +74,26 @@ __global__ void lora_down(const __half* __restrict__ x, const __half* __restrict
   }
 }
 
-// Each block first sums the P partials of the active columns into shared memory (every thread takes a strided
-// share of one column, all its loads in flight, then one shared atomic), then each thread adds t @ B for one output
-// column (a row of B is contiguous: coalesced across the threads; up to kMaxUnrolled rows loaded at once).
-constexpr int kMaxUnrolled = 64;
+// Each block first sums the P partials of the active columns (all threads at once, into shared memory), then each
+// thread adds t @ B for one output column (a row of B is contiguous: coalesced across the threads).
 __global__ void lora_up(const __half* __restrict__ y, const __half* __restrict__ B, const __half* __restrict__ mask,
                         const float* __restrict__ partial, __half* __restrict__ out, int N, int R, int P) {
-  const int m = blockIdx.y, n = blockIdx.x * blockDim.x + threadIdx.x;
-  const int64_t at = static_cast<int64_t>(m) * N + n;
-  const float base = n < N ? __half2float(y[at]) : 0.f;  // loaded while the mask is read
   int first, last;
   active_span(mask, R, &first, &last);
-  const int width = last + 1 - first;
-  if (width <= 0) {
-    if (n < N) out[at] = __float2half(base);  // exact: float holds every half
-    return;
-  }
+  const int m = blockIdx.y, n = blockIdx.x * blockDim.x + threadIdx.x;
+  const int64_t at = static_cast<int64_t>(m) * N + n;
   extern __shared__ float s_t[];  // t[first .. last]
+  const int width = last + 1 - first;
   for (int j = threadIdx.x; j < width; j += blockDim.x) s_t[j] = 0.f;
   __syncthreads();
   const float* pm = partial + static_cast<int64_t>(m) * P * R + first;
-  if (width <= kThreads) {
-    const int share = kThreads / width, column = threadIdx.x % width, row = threadIdx.x / width;
-    if (row < share) {
-      float v = 0.f;
-      for (int q = row; q < P; q += share) v += pm[static_cast<int64_t>(q) * R + column];
-      atomicAdd(&s_t[column], v);
-    }
-  } else {
-    for (int j = threadIdx.x; j < width; j += blockDim.x)
-      for (int q = 0; q < P; ++q) s_t[j] += pm[static_cast<int64_t>(q) * R + j];
-  }
+  for (int i = threadIdx.x; i < P * width; i += blockDim.x) atomicAdd(&s_t[i % width], pm[(i / width) * R + i % width]);
   __syncthreads();
   if (n >= N) return;
-  float v = base;
+  float v = __half2float(y[at]);
   const __half* column = B + static_cast<int64_t>(first) * N + n;
-  int j = 0;
-  for (; j + kMaxUnrolled <= width; j += kMaxUnrolled) {
-#pragma unroll
-    for (int i = 0; i < kMaxUnrolled; ++i) v += s_t[j + i] * __half2float(column[static_cast<int64_t>(j + i) * N]);
-  }
-  float tail[kMaxUnrolled];
-#pragma unroll
-  for (int i = 0; i < kMaxUnrolled; ++i)
-    tail[i] = j + i < width ? __half2float(column[static_cast<int64_t>(j + i) * N]) : 0.f;
-#pragma unroll
-  for (int i = 0; i < kMaxUnrolled; ++i)
-    if (j + i < width) v += s_t[j + i] * tail[i];
+#pragma unroll 16
+  for (int j = 0; j < width; ++j) v += s_t[j] * __half2float(column[static_cast<int64_t>(j) * N]);
   out[at] = __float2half(v);
 }
 

@@ -111,6 +111,8 @@ class OnnxLM:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.log_severity_level = 3  # LoRA defaults are overridable initializers by design; ORT warns about each
+        if library := config.get("session_options", {}).get("custom_ops_library"):  # layout "fused"'s kernels
+            opts.register_custom_ops_library(str(model_dir / library))
         providers = ["CPUExecutionProvider"]
         built_for = {name for p in config.get("session_options", {}).get("provider_options", []) for name in p}
         if "cuda" in built_for and "CUDAExecutionProvider" in ort.get_available_providers():

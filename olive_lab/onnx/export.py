@@ -24,6 +24,7 @@ from olive_lab.onnx.build import export_model, set_cuda_graph
 from olive_lab.onnx.grid import int8_matmuls, write_torch_grid
 from olive_lab.onnx.lora import (
     add_lora_inputs,
+    fuse_resident,
     make_resident,
     peft_to_inputs,
     read_adapter,
@@ -132,8 +133,16 @@ def build_onnx(
         values = {
             name: peft_to_inputs(folder, slots, switch=lora_layout == "switch") for name, folder in adapters.items()
         }
-        if lora_layout == "resident" and adapters:
+        if lora_layout in ("resident", "fused") and adapters:
             values = make_resident(model_dir / "model.onnx", slots, values)
+        if lora_layout == "fused" and adapters:
+            import tempfile
+
+            from olive_lab.kernels import attach, library_for
+
+            log.info("fused LoRA: %d slots as olive_lab.LoraResident", fuse_resident(model_dir / "model.onnx"))
+            with tempfile.TemporaryDirectory(prefix="olive-lab-kernels-") as build_dir:
+                attach(model_dir, library_for(execution_provider, Path(build_dir)))
         for name, folder in adapters.items():
             write_adapter(values[name], adapter_dir / f"{name}.onnx_adapter")
             log.info("adapter %s -> %s", folder, adapter_dir / f"{name}.onnx_adapter")

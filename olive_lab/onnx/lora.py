@@ -29,7 +29,7 @@ PROJ_NODE = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(\w+_proj)/MatMul(?:_Q
 PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 HF_BLOCK = {"attn": "self_attn", "mlp": "mlp"}  # builder block name -> Hugging Face module name
 PEFT_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight$")
-LAYOUTS = ("branches", "switch", "resident")
+LAYOUTS = ("branches", "switch", "resident", "fused")
 SWITCH = "lora_active"  # layout "switch": 0 (default) runs the plain graph, adapters carry 1
 RESIDENT_MASK = "lora_mask.r{}"  # layout "resident": per slot rank, ones on the active adapter's block (none: zeros)
 RESIDENT_DATA = "lora_adapters.onnx.data"  # layout "resident": the stacked adapters, next to model.onnx
@@ -113,7 +113,8 @@ def add_lora_inputs(
 
     if layout not in LAYOUTS:
         raise StageError(f"params.yaml: optimize.lora_layout must be one of {LAYOUTS}, not '{layout}'")
-    # "resident" starts as "branches"; make_resident then moves the adapters' weights into the model
+    # "resident" and "fused" start as "branches"; make_resident then moves the adapters' weights into the model,
+    # and fuse_resident makes each slot one custom op
     model = onnx.load(str(model_path), load_external_data=False)
     graph = model.graph
     elem = next(o.type.tensor_type.elem_type for o in graph.output if o.name == "logits")
@@ -324,15 +325,27 @@ def fuse_resident(model_path: Path) -> int:
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in graph.output}
+
+    def only(nodes: list, what: str, mask: str):
+        """The one node of `nodes` with op type `what`, or one line naming the branch that differs."""
+        if len(nodes) != 1 or nodes[0].op_type != what:
+            found = ", ".join(n.op_type for n in nodes) or "nothing"
+            raise StageError(
+                f"{model_path}: {mask} is not in a resident LoRA branch (MatMul, Mul, MatMul, Add): "
+                f"expected one {what} there, found {found}"
+            )
+        return nodes[0]
+
     dropped, fused_at = set(), {}
     for node in graph.node:
         if node.op_type != "Mul" or not node.name.endswith("/A/Mask"):
             continue
-        down = producer[node.input[0]]
-        (up,) = consumers[node.output[0]]
-        (add,) = consumers[up.output[0]]
-        if down.op_type != "MatMul" or up.op_type != "MatMul" or add.op_type != "Add":
-            raise StageError(f"{model_path}: {node.name} is not in a resident LoRA branch (MatMul, Mul, MatMul, Add)")
+        down = only([producer[node.input[0]]] if node.input[0] in producer else [], "MatMul", node.name)
+        up = only(consumers.get(node.output[0], []), "MatMul", node.name)
+        add = only(consumers.get(up.output[0], []), "Add", node.name)
+        if {node.output[0], up.output[0], down.output[0]} & graph_outputs or len(consumers[down.output[0]]) != 1:
+            raise StageError(f"{model_path}: {node.name}'s branch has an output read elsewhere; it cannot be fused")
         base_out = add.input[0] if add.input[1] == up.output[0] else add.input[1]
         x, a_all, b_all, mask = down.input[0], down.input[1], up.input[1], node.input[1]
         prefix = node.name[: -len("/A/Mask")]

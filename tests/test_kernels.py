@@ -1,0 +1,442 @@
+"""olive_lab/kernels: the olive_lab.LoraResident custom op (CPU reference kernel, built with g++) in real ORT sessions,
+and olive_lab.onnx.lora.fuse_resident on the tiny model built for CUDA (float16 activations, run on the CPU provider).
+
+Every entry of ORT's C API that lora_resident.cc calls by position runs here on the installed ORT (registration, the
+kernel's input/output/shape queries, CreateStatus through the error paths), except the CUDA stream query.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from olive_lab.errors import StageError
+from olive_lab.kernels import LIBRARY, build, op_error, op_session
+from olive_lab.onnx.export import build_onnx
+from olive_lab.onnx.lora import FUSED_DOMAIN, FUSED_OP, RESIDENT_MASK, fuse_resident, read_adapter
+
+GROUP = 32  # conf/model/tiny.yaml group_size
+NAMES = ("y", "x", "A", "B", "mask")
+F16 = np.float16
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory) -> Path:
+    """libolive_lab_kernels.so, CPU only, built once for this module."""
+    if shutil.which("g++") is None:
+        pytest.skip("g++ is not on PATH: cannot build the olive_lab kernels library (olive_lab.kernels.build)")
+    out = build(tmp_path_factory.mktemp("kernels"), cuda=False)
+    assert out.name == LIBRARY and out.is_file()
+    return out
+
+
+@pytest.fixture(scope="module")
+def op(library):
+    """The library's own one-node session (symbolic dims rows, K, R, N: ORT checks only ranks and types)."""
+    return op_session(library)
+
+
+def ort_options(library: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(library))
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3  # LoRA masks are overridable initializers by design; ORT warns about each
+    return options
+
+
+def loose_session(library: Path, types: dict[str, int] | None = None, outputs: tuple[str, ...] = ("out",)):
+    """One LoraResident node whose inputs have no declared shape at all (not even a rank), so every shape check
+    left is the kernel's own; `types` overrides an input's declared element type."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    types = {name: TensorProto.FLOAT16 for name in NAMES} | (types or {})
+    out_types = {"out": TensorProto.FLOAT16, "partial": TensorProto.FLOAT}
+    node = helper.make_node(FUSED_OP, list(NAMES), ["out", "partial"], domain=FUSED_DOMAIN)
+    graph = helper.make_graph(
+        [node],
+        "loose",
+        [helper.make_tensor_value_info(n, types[n], None) for n in NAMES],
+        [helper.make_tensor_value_info(n, out_types[n], None) for n in outputs],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(FUSED_DOMAIN, 1)], ir_version=10
+    )
+    return ort.InferenceSession(model.SerializeToString(), ort_options(library), providers=["CPUExecutionProvider"])
+
+
+def random_inputs(rows, k: int, n: int, r: int, active: tuple[int, int], seed: int = 0) -> dict[str, np.ndarray]:
+    """Float16 inputs like op_error's; `rows` may be a tuple of leading dims."""
+    lead = tuple(rows) if isinstance(rows, tuple) else (rows,)
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(r, F16)
+    mask[active[0] : active[1]] = 1
+    return {
+        "y": rng.standard_normal((*lead, n)).astype(F16),
+        "x": rng.standard_normal((*lead, k)).astype(F16),
+        "A": (rng.standard_normal((k, r)) / np.sqrt(k)).astype(F16),
+        "B": rng.standard_normal((r, n)).astype(F16),
+        "mask": mask,
+    }
+
+
+def reference(feeds: dict[str, np.ndarray], mask: np.ndarray | None = None, b: np.ndarray | None = None) -> np.ndarray:
+    """y + ((x @ A) * mask) @ B in float32 (optionally with another mask or B, to model a wrong kernel)."""
+    f = {k: v.astype(np.float32) for k, v in feeds.items()}
+    mask = f["mask"] if mask is None else mask.astype(np.float32)
+    b = f["B"] if b is None else b.astype(np.float32)
+    return f["y"] + ((f["x"] @ f["A"]) * mask) @ b
+
+
+# The output is float16(float32 sum): rounding it costs at most half a float16 ulp, 2^-11 of the value, so the largest
+# error is at most ~2^-11 of the largest |value| (worst seen over these shapes and 4 seeds each: 4.1e-4 of it; float32
+# accumulation adds ~1e-6). 2^-10 allows twice that. A kernel that ignored the mask, or read B as [N, R], would be off
+# by 0.6-1.5 of the largest value at these shapes (measured), some 600x this bound.
+REL_BOUND = 2**-10
+SHAPES = {  # rows, K, N, R, active columns
+    "decode-span-at-start": (1, 576, 576, 32, (0, 16)),
+    "prefill-ragged-K-wide-span": (7, 100, 48, 96, (48, 96)),  # K = 64 + 36: the last partial block is ragged
+    "decode-ragged-K-wide-span": (1, 130, 200, 96, (48, 96)),  # K = 2 * 64 + 2
+    "prefill-span-at-end": (16, 576, 192, 32, (16, 32)),
+    "prefill-71-tokens": (71, 1536, 576, 32, (0, 16)),  # bench.cuda_lora kernel_check's 135m down_proj shape
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+def test_op_matches_numpy_within_float16_rounding(op, shape):
+    rows, k, n, r, active = shape
+    for seed in (0, 1):
+        check = op_error(op, rows, k, n, r, active, seed=seed)
+        assert check["max_abs"] > 5, check  # a real product (y and the delta are each of order one)
+        assert check["max_abs_error"] <= REL_BOUND * check["max_abs"], check
+        assert check["no_adapter_returns_y"], check
+        # the four ONNX nodes round x @ A, the masked product and the delta to float16 on the way; the op keeps them
+        # in float32 (seen: 1.2-2.3x smaller errors than the nodes')
+        assert check["max_abs_error"] <= check["onnx_nodes_max_abs_error"], check
+
+
+def test_op_applies_the_mask_and_reads_b_as_rank_by_out(op):
+    """The bound above tells a correct kernel from one that ignores the mask or reads B transposed."""
+    feeds = random_inputs(7, 96, 96, 96, (48, 96))  # square, so a transposed read of B is shape-compatible
+    (out,) = op.run(["out"], feeds)
+    out = out.astype(np.float32)
+    ref = reference(feeds)
+    bound = REL_BOUND * np.abs(ref).max()
+    assert np.abs(out - ref).max() <= bound
+    wrong = {
+        "mask ignored": reference(feeds, mask=np.ones(96, F16)),
+        "mask reversed": reference(feeds, mask=feeds["mask"][::-1]),
+        "B read as [N, R]": reference(feeds, b=feeds["B"].reshape(96, 96).T),
+    }
+    for what, value in wrong.items():
+        assert np.abs(out - value).max() > 100 * bound, what
+
+
+def test_op_rounds_to_float16_exactly_like_numpy(op):
+    """The kernel's own half <-> float conversion (no F16C): with K = R = N = 1 each row is out = f16(y + x * a),
+    the sum a single float32 operation, so the op must agree bit for bit with numpy's (IEEE, ties to even) cast, over
+    every finite float16 y: the exact round trip (x = 0), ties both ways (x = +-half an ulp of y), random sums,
+    overflow to infinity and, with a = 0.5, rounding inside the subnormal range."""
+    every = np.arange(2**16, dtype=np.uint16).view(F16)
+    y = every[np.isfinite(every)]
+    half_ulp = (np.spacing(y.astype(np.float32)).astype(np.float32) / 2).astype(F16)  # 0 below the subnormal step
+    rng = np.random.default_rng(0)
+    xs = [np.zeros_like(y), half_ulp, -half_ulp, rng.permutation(y)]
+    y_all, x_all = np.concatenate([y] * len(xs)), np.concatenate(xs)
+    for a in (1.0, 0.5, 0.3):
+        feeds = {
+            "y": y_all[:, None],
+            "x": x_all[:, None],
+            "A": np.array([[a]], F16),
+            "B": np.ones((1, 1), F16),
+            "mask": np.ones(1, F16),
+        }
+        (out,) = op.run(["out"], feeds)
+        # the kernel's order of float32 operations: t = (0 + x * a) * mask; out = f16(y + t * b)
+        one = np.float32(1)
+        t = (np.float32(0) + x_all.astype(np.float32) * np.float32(F16(a))) * one
+        with np.errstate(over="ignore"):  # sums past 65504 round to infinity, as they should
+            expected = (y_all.astype(np.float32) + t * one).astype(F16)
+        differ = np.flatnonzero(out[:, 0].view(np.uint16) != expected.view(np.uint16))
+        assert differ.size == 0, (a, differ.size, [(y_all[i], x_all[i], out[i, 0], expected[i]) for i in differ[:5]])
+        assert np.isinf(out).sum() > 0 and (np.abs(out[out != 0]) < 6.1e-5).sum() > 0  # both ends were reached
+
+
+def test_op_takes_any_leading_dims_and_sizes_its_scratch(library):
+    """y and x as [batch, sequence, ...] (as in the model), partial [M, ceil(K / 64), R]; no rows is no work."""
+    session = loose_session(library, outputs=("out", "partial"))
+    feeds = random_inputs((2, 3), 100, 48, 96, (48, 96))
+    out, partial = session.run(["out", "partial"], feeds)
+    ref = reference(feeds)
+    assert out.shape == (2, 3, 48) and out.dtype == F16
+    assert np.abs(out.astype(np.float32) - ref).max() <= REL_BOUND * np.abs(ref).max()
+    assert partial.shape == (6, 2, 96) and partial.dtype == np.float32
+    empty = random_inputs((1, 0), 100, 48, 96, (48, 96))
+    out, partial = session.run(["out", "partial"], empty)
+    assert out.shape == (1, 0, 48) and partial.shape == (0, 2, 96)
+
+
+# --- bad input: one clear error, and the session still works --------------------------------------------------------
+
+
+def test_shapes_that_do_not_fit_are_one_error_from_the_kernel(op, library):
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+    good = random_inputs(2, 16, 8, 4, (0, 4))
+    # op_session declares A [K, R] and x [rows, K] with symbolic dims, which ORT does not check against each other:
+    # the kernel's own check answers
+    wrong_k = {**good, "A": good["A"][:12]}
+    with pytest.raises(InvalidArgument, match=re.escape("LoraResident: A [12, 4], B [4, 8], mask [4] do not fit x [..., 16] and y [..., 8]")):  # fmt: skip
+        op.run(["out"], wrong_k)
+    with pytest.raises(InvalidArgument, match=re.escape("mask [5] do not fit")):
+        op.run(["out"], {**good, "mask": np.zeros(5, F16)})
+    with pytest.raises(InvalidArgument, match=re.escape("B [4, 9], mask [4] do not fit x [..., 16] and y [..., 8]")):
+        op.run(["out"], {**good, "B": np.zeros((4, 9), F16)})
+    loose = loose_session(library)
+    with pytest.raises(InvalidArgument, match=re.escape("LoraResident: expected y [..., N], x [..., K], A [K, R]")):
+        loose.run(["out"], {**good, "x": good["x"][None]})  # x [1, 2, 16] against y [2, 8]
+    with pytest.raises(InvalidArgument, match="LoraResident: x and y differ in their leading dimensions"):
+        loose.run(["out"], {**good, "y": np.zeros((3, 8), F16)})
+    # an error is a status, not a crash: both sessions still compute
+    for session in (op, loose):
+        (out,) = session.run(["out"], good)
+        assert np.abs(out.astype(np.float32) - reference(good)).max() <= REL_BOUND * np.abs(reference(good)).max()
+
+
+def test_float32_is_the_cpu_models_type(library):
+    """CPU models are float32: the op computes in it there (to float32 rounding of the sums)."""
+    from olive_lab.kernels import op_error, op_session
+
+    check = op_error(op_session(library, dtype="float32"), 3, 100, 96, 96, (48, 96))
+    assert check["max_abs_error"] <= 1e-5 * check["max_abs"] and check["no_adapter_returns_y"]
+
+
+def test_mixed_input_types_are_one_error(library):
+    """All five inputs share one type: a float32 x beside float16 y is refused (by ORT's schema, before the kernel)."""
+    from onnx import TensorProto
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph
+
+    with pytest.raises((InvalidGraph, Fail), match=re.escape("Op (LoraResident)")):
+        session = loose_session(library, types={"x": TensorProto.FLOAT})
+        good = random_inputs(2, 16, 8, 4, (0, 4))
+        session.run(["out"], {**good, "x": good["x"].astype(np.float32)})
+
+
+# --- fuse_resident on the tiny model ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fused(tiny_base, tiny_adapters, tmp_path_factory) -> dict:
+    """The tiny model built for CUDA (float16 activations) in the resident layout with both adapters, the same
+    without LoRA (plain), and the resident model.onnx fused (fused.onnx, next to it: same weights files)."""
+    root = tmp_path_factory.mktemp("fused")
+    fp16 = dict(precision="int4", block_size=GROUP, accuracy_level=4, execution_provider="cuda")
+    resident = build_onnx(tiny_base, root / "resident", tiny_adapters, **fp16, lora_layout="resident")
+    build_onnx(tiny_base, root / "plain", {}, **fp16)
+    model_dir = root / "resident" / "model"
+    shutil.copyfile(model_dir / "model.onnx", model_dir / "fused.onnx")
+    return {
+        "slots": resident["lora_slots"],
+        "fused_count": fuse_resident(model_dir / "fused.onnx"),
+        "resident": model_dir / "model.onnx",
+        "fused": model_dir / "fused.onnx",
+        "plain": root / "plain" / "model" / "model.onnx",
+        "adapters": {task: root / "resident" / "adapters" / f"{task}.onnx_adapter" for task in tiny_adapters},
+    }
+
+
+def graph_of(path: Path):
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False)
+
+
+class Decoder:
+    """The exported decoder in a plain ORT session (CPU provider, the kernel library registered): logits of a
+    prefill from an empty KV cache and of one decoding step after it."""
+
+    def __init__(self, model_path: Path, library: Path):
+        import onnxruntime as ort
+
+        config = json.loads((model_path.parent / "genai_config.json").read_text())["model"]["decoder"]
+        self.names, self.layers = config["inputs"], config["num_hidden_layers"]
+        self.present = config["outputs"]
+        self.kv_shape = (1, config["num_key_value_heads"], 0, config["head_size"])
+        self.session = ort.InferenceSession(str(model_path), ort_options(library), providers=["CPUExecutionProvider"])
+
+    def run(self, ids: list[int], next_id: int, adapter: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+        past = {}
+        for i in range(self.layers):
+            past[self.names["past_key_names"] % i] = np.zeros(self.kv_shape, F16)
+            past[self.names["past_value_names"] % i] = np.zeros(self.kv_shape, F16)
+        outputs = ["logits"] + [self.present[f"present_{kv}_names"] % i for i in range(self.layers) for kv in ("key", "value")]  # fmt: skip
+        feeds = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
+        logits, *present = self.session.run(outputs, {**feeds, **past, **(adapter or {})})
+        past = {
+            self.names[f"past_{kv}_names"] % i: present[2 * i + j]
+            for i in range(self.layers)
+            for j, kv in enumerate(("key", "value"))
+        }
+        step = {"input_ids": np.array([[next_id]], np.int64), "attention_mask": np.ones((1, len(ids) + 1), np.int64)}
+        (next_logits,) = self.session.run(["logits"], {**step, **past, **(adapter or {})})
+        return logits.astype(np.float32), next_logits.astype(np.float32)
+
+
+IDS, NEXT_ID = [1, 520, 33, 4000, 12, 99, 7000, 5], 321
+
+
+def test_fuse_resident_replaces_every_branch_by_one_node(fused):
+    assert fused["slots"] == 8  # 2 layers x (qkv, o, gate_up, down)
+    assert fused["fused_count"] == fused["slots"]
+    model, plain = graph_of(fused["fused"]), graph_of(fused["plain"])
+    types = Counter((n.domain, n.op_type) for n in model.graph.node)
+    # every LoRA node (MatMul A, Mul mask, MatMul B, Add) is gone: what is left is the plain graph plus one op a slot
+    assert types == Counter((n.domain, n.op_type) for n in plain.graph.node) + Counter({(FUSED_DOMAIN, FUSED_OP): 8})
+    assert not any(n.op_type == "MatMul" or ("/lora/" in n.name and n.op_type != FUSED_OP) for n in model.graph.node)
+    assert [o.version for o in model.opset_import if o.domain == FUSED_DOMAIN] == [1]
+    masks = {RESIDENT_MASK.format(r) for r in (4, 8, 12)}  # rank 4 per HF module: o/down 4, gate_up 8, qkv 12
+    for node in (n for n in model.graph.node if n.op_type == FUSED_OP):
+        base, _, a, b, mask = node.input
+        assert a.endswith(".lora_A.weight") and b == a.replace("lora_A", "lora_B") and mask in masks, node
+        assert base.endswith("/MatMul/output_0") and node.output[0].endswith("/lora/Add/output_0"), node
+    assert [i.name for i in model.graph.input] == [i.name for i in graph_of(fused["resident"]).graph.input]
+
+
+def test_fused_model_without_adapter_is_the_plain_model(fused, library):
+    """With the default all-zero masks the op returns y exactly, so the logits are the plain model's bit for bit
+    (the resident graph's four fp16 nodes are not: ORT's CPU fp16 paths round differently, 0.006 seen)."""
+    plain = Decoder(fused["plain"], library).run(IDS, NEXT_ID)
+    for got, want in zip(Decoder(fused["fused"], library).run(IDS, NEXT_ID), plain, strict=True):
+        assert got.shape == want.shape and got.shape[-1] > 1000
+        np.testing.assert_array_equal(got, want)
+
+
+# fused vs resident logits with an adapter (prefill and the decoding step): max 0.0062 seen, the size of the resident
+# graph's own float16 rounding (it differs from plain by 0.0057 with no adapter); the adapters move logits by 0.72-1.27
+ADAPTER_TOL = 0.02
+
+
+def test_fused_model_with_an_adapter_follows_the_resident_model(fused, library):
+    resident, model = Decoder(fused["resident"], library), Decoder(fused["fused"], library)
+    none = model.run(IDS, NEXT_ID)
+    logits = {}
+    for task, path in fused["adapters"].items():
+        masks = read_adapter(path)
+        assert set(masks) == {RESIDENT_MASK.format(r) for r in (4, 8, 12)}
+        logits[task] = model.run(IDS, NEXT_ID, masks)
+        for got, want, base in zip(logits[task], resident.run(IDS, NEXT_ID, masks), none, strict=True):
+            assert np.abs(got - want).max() <= ADAPTER_TOL, task
+            assert np.abs(got - base).max() > 10 * ADAPTER_TOL, task  # the adapter is really applied
+    a, b = logits.values()
+    assert all(np.abs(x - y).max() > 10 * ADAPTER_TOL for x, y in zip(a, b, strict=True))  # and the right one
+
+
+def test_fuse_resident_leaves_a_model_without_branches_alone(fused, tmp_path):
+    for name in ("plain", "fused"):  # no LoRA at all; already fused
+        path = tmp_path / f"{name}.onnx"
+        shutil.copyfile(fused[name], path)
+        before = graph_of(path)
+        assert fuse_resident(path) == 0
+        after = graph_of(path)
+        assert [(n.domain, n.op_type, n.name) for n in after.graph.node] == [
+            (n.domain, n.op_type, n.name) for n in before.graph.node
+        ]
+        assert list(after.opset_import) == list(before.opset_import)
+
+
+def branch_model(path: Path, down_op: str, mask_input: str = "/hidden") -> Path:
+    """A float16 graph with one '/A/Mask' Mul: x -> `down_op` -> Mul(mask) -> MatMul B -> Add(y)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    base = "/model/layers.0/attn/o_proj/lora"
+    down_inputs = ["x", "A"] if down_op == "MatMul" else ["x", "x"]
+    nodes = [
+        helper.make_node(down_op, down_inputs, ["/hidden"], name=f"{base}/A"),
+        helper.make_node("Mul", [mask_input, "mask"], ["/masked"], name=f"{base}/A/Mask"),
+        helper.make_node("MatMul", ["/masked", "B"], ["/delta"], name=f"{base}/B"),
+        helper.make_node("Add", ["y", "/delta"], ["out"], name=f"{base}/Add"),
+    ]
+    shapes = {"y": [1, 4], "x": [1, 4], "A": [4, 2], "B": [2, 4], "mask": [2]}
+    graph = helper.make_graph(
+        nodes,
+        "branch",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT16, s) for n, s in shapes.items()],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT16, [1, 4])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_a_branch_of_another_shape_is_one_stage_error(tmp_path):
+    path = branch_model(tmp_path / "odd.onnx", "Add")  # the mask's input comes from an Add, not x @ A
+    with pytest.raises(StageError, match=re.escape(f"{path}: /model/layers.0/attn/o_proj/lora/A/Mask is not in a resident LoRA branch")):  # fmt: skip
+        fuse_resident(path)
+    path = branch_model(tmp_path / "good.onnx", "MatMul")  # the same graph with the expected pattern fuses
+    assert fuse_resident(path) == 1
+
+
+def test_a_mask_fed_by_a_graph_input_is_one_stage_error(tmp_path):
+    path = branch_model(tmp_path / "odd.onnx", "MatMul", mask_input="x")
+    with pytest.raises(StageError, match=re.escape(str(path))):
+        fuse_resident(path)
+
+
+# --- optimize.lora_layout=fused on the CPU, through build_onnx and ORT GenAI ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cpu_builds(tiny_base, tiny_adapters, tmp_path_factory) -> dict[str, Path]:
+    """The tiny model for the CPU (float32) in the fused layout and in the default branches layout."""
+    root = tmp_path_factory.mktemp("cpu_fused")
+    fp32 = dict(precision="int4", block_size=GROUP, accuracy_level=4, execution_provider="cpu")
+    for layout in ("fused", "branches"):
+        build_onnx(tiny_base, root / layout, tiny_adapters, **fp32, lora_layout=layout)
+    return {layout: root / layout for layout in ("fused", "branches")}
+
+
+def test_fused_layout_is_a_self_contained_ort_genai_model(cpu_builds):
+    """build_onnx puts the library in the model folder and names it relatively in genai_config.json; ORT GenAI
+    loads it from there, and its greedy tokens (no adapter, each adapter, switching back and forth on one model)
+    are the branches layout's."""
+    import onnxruntime_genai as og
+
+    from olive_lab.decode import ort_greedy
+
+    model_dir = cpu_builds["fused"] / "model"
+    config = json.loads((model_dir / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["session_options"]["custom_ops_library"] == LIBRARY
+    assert (model_dir / LIBRARY).is_file()
+    tokens = {}
+    for layout, root in cpu_builds.items():
+        model = og.Model(str(root / "model"))
+        adapters = og.Adapters(model)
+        names = sorted(p.stem for p in (root / "adapters").glob("*.onnx_adapter"))
+        for name in names:
+            adapters.load(str(root / "adapters" / f"{name}.onnx_adapter"), name)
+        order = [None, *names, None, *names[::-1]]
+        tokens[layout] = [ort_greedy(model, adapters, IDS, name, 12, exact=True)[0] for name in order]
+    assert tokens["fused"] == tokens["branches"]
+    assert len({tuple(t) for t in tokens["fused"][: 1 + len(names)]}) == 1 + len(names)  # each adapter changes them
+
+
+def test_fused_layout_logits_follow_the_branches_layout(cpu_builds):
+    """The optimize stage's own check path (OnnxLM registers the library from genai_config.json): full-sequence
+    logits of the two layouts, with each adapter, to float32 rounding."""
+    from olive_lab.onnx.check import OnnxLM
+
+    lms = {layout: OnnxLM(root / "model") for layout, root in cpu_builds.items()}
+    for adapter in sorted((cpu_builds["fused"] / "adapters").glob("*.onnx_adapter")):
+        values = {layout: read_adapter(cpu_builds[layout] / "adapters" / adapter.name) for layout in cpu_builds}
+        fused, branches = (lms[k].logits(IDS, values[k]) for k in ("fused", "branches"))
+        plain = lms["branches"].logits(IDS)
+        assert np.abs(fused - branches).max() <= 1e-4 * np.abs(branches).max()
+        assert np.abs(branches - plain).max() > 100 * 1e-4 * np.abs(branches).max()  # the adapter is applied
