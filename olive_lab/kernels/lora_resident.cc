@@ -4,7 +4,8 @@
 //            (one type for all: float16 on CUDA, float32 or float16 on CPU; A and B are every adapter's matrices
 //            side by side, the mask picks one: see olive_lab/onnx/lora.make_resident)
 //   outputs: out [..., N] = y + ((x @ A) * mask) @ B      (the inputs' type)
-//            partial [M, P, R] (float32): scratch for the CUDA kernels' split of K, read by nothing else
+//            partial [M, P, R] (float32): scratch for the CUDA kernels' split of K (P = K / 64 blocks), read by
+//            nothing else; ORT frees it after the node, so one slot's worth is live at a time. Empty on CPU.
 //
 // Why: on CUDA, ORT runs the four ONNX nodes of that branch as five kernels per slot (a cuBLAS split-K product and
 // its reduce, the mask, the second product, the add), and at the sizes this project targets the launches, not the
@@ -15,8 +16,9 @@
 // ONNX Runtime's C API is a table of function pointers (OrtApi) that only ever grows, so a position in it is stable
 // across releases. This file declares just the entries it calls, by position, rather than vendoring ORT's header
 // (no package index this project can install from ships it). Positions are those of ORT's OrtApi as of API
-// version 16 (ORT 1.16); RegisterCustomOps asks ORT for that version, so any ORT >= 1.16 serves it, and
-// tests/test_kernels.py runs every entry on the installed ORT.
+// version 16 (ORT 1.16); RegisterCustomOps asks ORT for that version, so any ORT >= 1.16 serves it.
+// tests/test_kernels.py runs every entry on the installed ORT but the CUDA stream's, which `python -m
+// bench.cuda_lora kernel-check` runs on a GPU.
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -56,7 +58,6 @@ enum Entry : size_t {
   GetDimensionsCount = 61,
   GetDimensions = 62,
   GetTensorTypeAndShape = 65,
-  KernelContext_GetInputCount = 88,
   KernelContext_GetInput = 90,
   KernelContext_GetOutput = 91,
   ReleaseTensorTypeAndShapeInfo = 99,
@@ -173,12 +174,10 @@ void store(float v, uint16_t* out) { *out = float_to_half(v); }
 // copied. One thread: ORT gives custom ops no thread pool, and at decode one row is a few thousand multiply-adds.
 template <typename T>
 void lora_resident_cpu(const LoraResidentShape& s, const T* y, const T* x, const T* A, const T* B, const T* mask,
-                       float* partial, T* out) {
+                       T* out) {
   int first = s.R, last = -1;
   for (int j = 0; j < s.R; ++j)
     if (to_float(mask[j]) != 0.f) first = first < j ? first : j, last = j;
-  const int P = lora_partial_blocks(s.K);
-  memset(partial, 0, sizeof(float) * size_t(s.M) * P * s.R);  // scratch: nothing reads it, but it is defined
   if (last < 0) {
     memcpy(out, y, sizeof(T) * size_t(s.M) * s.N);
     return;
@@ -241,7 +240,8 @@ ort::Status* compute(void* opaque, ort::KernelContext* context) {
                                std::to_string(B[0]) + ", " + std::to_string(B[1]) + "], mask [" +
                                std::to_string(mask[0]) + "] do not fit x [..., " + std::to_string(shape.K) +
                                "] and y [..., " + std::to_string(shape.N) + "]");
-  const int64_t partial_dims[] = {M, lora_partial_blocks(shape.K), shape.R};
+  // the CPU kernel needs no scratch: an empty one costs nothing
+  const int64_t partial_dims[] = {kernel->cuda ? M : 0, lora_partial_blocks(shape.K), shape.R};
   ort::Value* outputs[2] = {nullptr, nullptr};
   auto get_output = entry<ort::Status* (*)(ort::KernelContext*, size_t, const int64_t*, size_t, ort::Value**)>(
       api, ort::KernelContext_GetOutput);
@@ -256,16 +256,17 @@ ort::Status* compute(void* opaque, ort::KernelContext* context) {
   void* out = ort::data_of(api, outputs[0], &status);
   if (status) return status;
   void* partial = ort::data_of(api, outputs[1], &status);
+  (void)partial;  // the CUDA kernels' only
   if (status) return status;
   if (M == 0) return nullptr;
   if (!kernel->cuda && in[0].type == ort::kFloat) {
     auto f = [&](int i) { return static_cast<const float*>(data[i]); };
-    lora_resident_cpu(shape, f(0), f(1), f(2), f(3), f(4), static_cast<float*>(partial), static_cast<float*>(out));
+    lora_resident_cpu(shape, f(0), f(1), f(2), f(3), f(4), static_cast<float*>(out));
     return nullptr;
   }
   if (!kernel->cuda) {
     auto h = [&](int i) { return static_cast<const uint16_t*>(data[i]); };
-    lora_resident_cpu(shape, h(0), h(1), h(2), h(3), h(4), static_cast<float*>(partial), static_cast<uint16_t*>(out));
+    lora_resident_cpu(shape, h(0), h(1), h(2), h(3), h(4), static_cast<uint16_t*>(out));
     return nullptr;
   }
 #ifdef OLIVE_LAB_CUDA
