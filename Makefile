@@ -16,7 +16,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-# `make setup` first checks every prerequisite (Python 3.11, make, git, Node.js >= 18 + npm, tmux): a missing one stops
+# `make setup` first checks every prerequisite (Python 3.11, make, git, Node.js >= 18 + npm, g++, tmux): a missing one stops
 # it here in one line that says how to install it, before anything is created.
 ifneq ($(filter setup,$(MAKECMDGOALS)),)
 PREREQ_MISSING := $(shell $(SHELL) tools/prereqs.sh $(PY))

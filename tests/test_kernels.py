@@ -30,7 +30,7 @@ F16 = np.float16
 def library(tmp_path_factory) -> Path:
     """libolive_lab_kernels.so, CPU only, built once for this module."""
     if shutil.which("g++") is None:
-        pytest.skip("g++ is not on PATH: cannot build the olive_lab kernels library (olive_lab.kernels.build)")
+        pytest.fail("g++ is not on PATH (a make setup prerequisite): cannot build the olive_lab kernels library")
     out = build(tmp_path_factory.mktemp("kernels"), cuda=False)
     assert out.name == LIBRARY and out.is_file()
     return out

@@ -11,7 +11,7 @@ import pytest
 
 from tests.helpers import ROOT
 
-TOOLS = ("make", "git", "node", "npm", "tmux")
+TOOLS = ("make", "git", "node", "npm", "g++", "tmux")
 
 
 def bin_dir(tmp_path: Path, leave_out: str = "", fakes: dict[str, str] | None = None) -> Path:
@@ -67,6 +67,7 @@ def test_all_present_passes(tmp_path):
         ("git", "git", "sudo apt-get install git"),
         ("node", "Node.js (>= 18", "https://nodejs.org"),
         ("npm", "npm (ships with Node.js)", "https://nodejs.org"),
+        ("g++", "g++ (builds olive_lab/kernels", "sudo apt-get install g++"),
         ("tmux", "tmux", "sudo apt-get install tmux"),
     ],
 )

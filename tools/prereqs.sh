@@ -22,6 +22,8 @@ command -v node >/dev/null 2>&1 \
 node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 18 ? 0 : 1)' 2>/dev/null \
   || missing "Node.js >= 18 (found $(node --version 2>/dev/null))" "install a newer one from https://nodejs.org or with nvm (nvm install 20)"
 command -v npm >/dev/null 2>&1 || missing "npm (ships with Node.js)" "install it with Node.js from https://nodejs.org (Debian/Ubuntu: sudo apt-get install npm)"
+command -v g++ >/dev/null 2>&1 \
+  || missing "g++ (builds olive_lab/kernels, optimize.lora_layout=fused's custom op)" "install it (Debian/Ubuntu: sudo apt-get install g++; macOS: xcode-select --install)"
 command -v tmux >/dev/null 2>&1 \
   || missing "tmux (the terminal chat's end-to-end tests)" "install it (Debian/Ubuntu: sudo apt-get install tmux; macOS: brew install tmux)"
 exit 0
