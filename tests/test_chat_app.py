@@ -349,8 +349,17 @@ async def test_quit_during_a_reply_ends_the_generation(make_app):
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot)
         press_enter_now(app, "Tell me everything about Lisbon")
-        await until(pilot, lambda: app.reply is not None and app.reply.widget.text, "the first text on screen")
-        stop = app.reply.stop
+        # the first token, not the first text on screen: on a busy host the tiny model could finish its 2,000 tokens
+        # (it decodes over 1,000 a second) while the UI is still rendering, and there would be no reply left to end
+        seen = []  # the reply, taken when its first token is in: it may end soon after
+
+        def streaming() -> bool:
+            if app.reply is not None and (app.reply.pending or app.reply.widget.text):
+                seen.append(app.reply)
+            return bool(seen)
+
+        await until(pilot, streaming, "the first token")
+        stop = seen[0].stop
         await pilot.press("ctrl+q")
     assert stop.is_set()
     await app.workers.wait_for_complete()
