@@ -105,7 +105,7 @@ def lora_variant(plain: Path, out: Path, layout: str, hf_dir: Path, peft: dict[s
         shutil.rmtree(out)
     proto = variant_folder(plain, out / "model") / "model.onnx"
     config = json.loads((hf_dir / "config.json").read_text())
-    slots = add_lora_inputs(proto, config, "branches" if layout == "fused" else layout, weight_names(hf_dir))
+    slots = add_lora_inputs(proto, config, layout, weight_names(hf_dir))
     values = {name: peft_to_inputs(folder, slots) for name, folder in peft.items()}
     if layout in ("resident", "fused"):
         values = make_resident(proto, slots, values)
@@ -403,21 +403,19 @@ def layouts_by_process(size: str, work: Path, layouts: list[str], repeats: int, 
             reading = json.loads(child_out.read_text())
             runs[name].append(reading)
             print(i, name, {a: r["decode_tok_s"] for a, r in reading["ort"][name].items()}, flush=True)
-    medians = {
-        name: {
-            a or "base": statistics.median(r["ort"][name][a or "base"]["decode_tok_s"] for r in readings)
-            for a in adapter_names(name)
+
+    def median_of(key: str) -> dict[str, dict[str, float]]:
+        return {
+            name: {
+                a or "base": statistics.median(r["ort"][name][a or "base"][key] for r in readings)
+                for a in adapter_names(name)
+            }
+            for name, readings in runs.items()
         }
-        for name, readings in runs.items()
-    }
+
+    medians = median_of("decode_tok_s")
     # the first token with each adapter, after the previous reading ran another one: the switch stays instant
-    ttft = {
-        name: {
-            a or "base": statistics.median(r["ort"][name][a or "base"]["ttft_ms"] for r in readings)
-            for a in adapter_names(name)
-        }
-        for name, readings in runs.items()
-    }
+    ttft = median_of("ttft_ms")
     best_idle = max(m["base"] for name, m in medians.items() if name != "plain")  # of a multi-LoRA graph
 
     def agreeing_prefix(name: str, adapter: str) -> int:

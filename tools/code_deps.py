@@ -112,7 +112,7 @@ def rewrite(root: Path = ROOT) -> list[str]:
             for dep in sorted(code_deps(stage_entry(spec["cmd"], root), root)):
                 out.append(f"{indent}  - {dep}\n")
             continue
-        if in_deps and re.match(r"^\s+- \S+(\.py|\.cc|\.cu|\.h)\s*$", line):
+        if in_deps and re.match(r"^\s+- \S+\s*$", line) and line.strip().endswith(CODE):
             continue  # an old code dep: replaced above
         if in_deps and not re.match(r"^\s+- ", line):
             in_deps = False

@@ -83,10 +83,12 @@ def op_session(library: Path, provider: str = "CPUExecutionProvider", dtype: str
     import onnxruntime as ort
     from onnx import helper
 
+    from olive_lab.onnx.lora import FUSED_DOMAIN, FUSED_OP
+
     names = ("y", "x", "A", "B", "mask")
     shapes = (["rows", "N"], ["rows", "K"], ["K", "R"], ["R", "N"], ["R"])
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    node = helper.make_node("LoraResident", list(names), ["out", "partial"], domain="olive_lab")
+    node = helper.make_node(FUSED_OP, list(names), ["out", "partial"], domain=FUSED_DOMAIN)
     graph = helper.make_graph(
         [node],
         "lora_resident",
@@ -94,7 +96,7 @@ def op_session(library: Path, provider: str = "CPUExecutionProvider", dtype: str
         [helper.make_tensor_value_info("out", elem, ["rows", "N"])],
     )
     model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("olive_lab", 1)], ir_version=10
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(FUSED_DOMAIN, 1)], ir_version=10
     )
     options = ort.SessionOptions()
     options.register_custom_ops_library(str(library))
@@ -102,8 +104,8 @@ def op_session(library: Path, provider: str = "CPUExecutionProvider", dtype: str
 
 
 def op_error(session, rows: int, k: int, n: int, r: int, active: tuple[int, int], seed: int = 0) -> dict:
-    """The op against numpy in float32 on random inputs of the session's type (op_session's dtype), the mask's ones on columns [active[0], active[1]):
-    the largest absolute error, the same for the four ONNX nodes it replaces (which round x @ A, the mask product
+    """The op against numpy in float32 on random inputs of the session's type (op_session's dtype), the mask's ones
+    on columns [active[0], active[1]): the largest absolute error, the same for the four ONNX nodes it replaces (which round x @ A, the mask product
     and the delta to float16 on the way; the op keeps them in float32), the reference's largest value, and whether
     an all-zero mask returns y exactly."""
     import numpy as np
