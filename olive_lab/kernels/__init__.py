@@ -39,12 +39,12 @@ def build(out_dir: Path, cuda: bool = False) -> Path:
         raise StageError(f"olive_lab/kernels: building {LIBRARY} needs {need} on PATH")
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / LIBRARY
-    sources = [str(SOURCES / "lora_resident.cc")]
+    sources = [str(SOURCES / name) for name in ("library.cc", "lora_resident.cc", "lora_branch.cc")]
     if cuda:
         cmd = [compiler, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-DOLIVE_LAB_CUDA", "--cudart",
                "static", *CUDA_ARCHS, *sources, str(SOURCES / "lora_resident_cuda.cu")]  # fmt: skip
     else:
-        cmd = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", *sources]
+        cmd = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", *sources]
     tmp = out.with_suffix(".so.tmp")
     done = subprocess.run([*cmd, "-o", str(tmp)], capture_output=True, text=True)
     if done.returncode != 0:
@@ -130,3 +130,47 @@ def op_error(session, rows: int, k: int, n: int, r: int, active: tuple[int, int]
         "max_abs": float(np.abs(ref).max()),
         "no_adapter_returns_y": bool((idle == y).all()),
     }
+
+
+def branch_session(library: Path):
+    """An ORT session (CPU) of one LoraBranch node: inputs y, x (float32), A, B (float16), parts (int64); output
+    out. For checks, tests and the bench."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from olive_lab.onnx.lora import BRANCH_OP, FUSED_DOMAIN
+
+    inputs = [
+        helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", "N"]),
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", "K"]),
+        helper.make_tensor_value_info("A", TensorProto.FLOAT16, ["K", "R"]),
+        helper.make_tensor_value_info("B", TensorProto.FLOAT16, ["r", "N"]),
+        helper.make_tensor_value_info("parts", TensorProto.INT64, ["P"]),
+    ]
+    node = helper.make_node(BRANCH_OP, [i.name for i in inputs], ["out"], domain=FUSED_DOMAIN)
+    graph = helper.make_graph(
+        [node], "lora_branch", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["rows", "N"])]
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(FUSED_DOMAIN, 1)], ir_version=10
+    )
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(library))
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def branch_reference(y, x, a, b, parts):
+    """LoraBranch in float32 numpy: for part p, its columns of y plus (x @ A's p-th block of columns) @ B's."""
+    import numpy as np
+
+    r = b.shape[0]
+    out = y.astype(np.float32).copy()
+    if r == 0:
+        return out
+    t = x.astype(np.float32) @ a.astype(np.float32)
+    col = 0
+    for p, width in enumerate(parts):
+        out[..., col : col + width] += t[..., p * r : (p + 1) * r] @ b[:, col : col + width].astype(np.float32)
+        col += width
+    return out

@@ -10,164 +10,24 @@
 // Why: on CUDA, ORT runs the four ONNX nodes of that branch as five kernels per slot (a cuBLAS split-K product and
 // its reduce, the mask, the second product, the add), and at the sizes this project targets the launches, not the
 // arithmetic, set the decode speed (README, "Adapters on the GPU"). The CUDA kernels (lora_resident_cuda.cu) do it
-// in two launches and skip the adapter products when the mask is all zero. The CPU kernel serves CPU models (one op
-// per slot instead of four) and is the reference the tests run in real ORT sessions on any host.
-//
-// ONNX Runtime's C API is a table of function pointers (OrtApi) that only ever grows, so a position in it is stable
-// across releases. This file declares just the entries it calls, by position, rather than vendoring ORT's header
-// (no package index this project can install from ships it). Positions are those of ORT's OrtApi as of API
-// version 16 (ORT 1.16); RegisterCustomOps asks ORT for that version, so any ORT >= 1.16 serves it.
-// tests/test_kernels.py runs every entry on the installed ORT but the CUDA stream's, which `python -m
-// bench.cuda_lora kernel-check` runs on a GPU.
+// in two launches and skip the adapter products when the mask is all zero. The CPU kernel is the reference the
+// tests run in real ORT sessions on any host (CPU models use olive_lab.LoraBranch, lora_branch.cc).
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
 #include <algorithm>
-#include <cmath>
 #include <string>
 #include <vector>
 
+#include "half.h"
 #include "lora_resident.h"
-
-namespace ort {
-
-struct Status;
-struct Value;
-struct KernelContext;
-struct KernelInfo;
-struct SessionOptions;
-struct CustomOpDomain;
-struct TypeAndShape;
-struct ShapeInferContext;
-
-constexpr uint32_t kApiVersion = 16;
-enum ErrorCode { kOk = 0, kFail = 1, kInvalidArgument = 2 };
-enum ElementType { kFloat = 1, kFloat16 = 10 };
-enum Characteristic { kRequired = 0 };
-enum MemType { kDefaultMemory = 0 };
-
-// Positions in OrtApi of the entries used here.
-enum Entry : size_t {
-  CreateStatus = 0,
-  CreateCustomOpDomain = 26,
-  CustomOpDomain_Add = 27,
-  AddCustomOpDomain = 28,
-  GetTensorMutableData = 51,
-  GetTensorElementType = 60,
-  GetDimensionsCount = 61,
-  GetDimensions = 62,
-  GetTensorTypeAndShape = 65,
-  KernelContext_GetInput = 90,
-  KernelContext_GetOutput = 91,
-  ReleaseTensorTypeAndShapeInfo = 99,
-  KernelContext_GetGPUComputeStream = 193,
-};
-
-using Api = void* const;  // OrtApi, seen as its table of entries
-
-struct ApiBase {  // OrtApiBase
-  const Api* (*GetApi)(uint32_t version);
-  const char* (*GetVersionString)();
-};
-
-// OrtCustomOp, through the members read at kOpVersion (16: the V2 kernel entries, which return a status).
-constexpr uint32_t kOpVersion = 16;
-struct CustomOp {
-  uint32_t version;
-  void* (*CreateKernel)(const CustomOp*, const Api*, const KernelInfo*);
-  const char* (*GetName)(const CustomOp*);
-  const char* (*GetExecutionProviderType)(const CustomOp*);
-  ElementType (*GetInputType)(const CustomOp*, size_t);
-  size_t (*GetInputTypeCount)(const CustomOp*);
-  ElementType (*GetOutputType)(const CustomOp*, size_t);
-  size_t (*GetOutputTypeCount)(const CustomOp*);
-  void (*KernelCompute)(void*, KernelContext*);
-  void (*KernelDestroy)(void*);
-  Characteristic (*GetInputCharacteristic)(const CustomOp*, size_t);
-  Characteristic (*GetOutputCharacteristic)(const CustomOp*, size_t);
-  MemType (*GetInputMemoryType)(const CustomOp*, size_t);
-  int (*GetVariadicInputMinArity)(const CustomOp*);
-  int (*GetVariadicInputHomogeneity)(const CustomOp*);
-  int (*GetVariadicOutputMinArity)(const CustomOp*);
-  int (*GetVariadicOutputHomogeneity)(const CustomOp*);
-  Status* (*CreateKernelV2)(const CustomOp*, const Api*, const KernelInfo*, void**);
-  Status* (*KernelComputeV2)(void*, KernelContext*);
-};
-
-template <typename Fn>
-Fn entry(const Api* api, Entry at) {
-  return reinterpret_cast<Fn>(api[at]);
-}
-
-Status* error(const Api* api, const std::string& message) {
-  return entry<Status* (*)(ErrorCode, const char*)>(api, CreateStatus)(kInvalidArgument, message.c_str());
-}
-
-struct Tensor {
-  const Value* value = nullptr;
-  ElementType type = kFloat;
-  std::vector<int64_t> dims;
-};
-
-// Type and shape of a value; a status on failure.
-Status* describe(const Api* api, const Value* value, Tensor* out) {
-  TypeAndShape* info = nullptr;
-  if (Status* s = entry<Status* (*)(const Value*, TypeAndShape**)>(api, GetTensorTypeAndShape)(value, &info)) return s;
-  size_t rank = 0;
-  Status* s = entry<Status* (*)(const TypeAndShape*, ElementType*)>(api, GetTensorElementType)(info, &out->type);
-  if (!s) s = entry<Status* (*)(const TypeAndShape*, size_t*)>(api, GetDimensionsCount)(info, &rank);
-  if (!s) {
-    out->dims.resize(rank);
-    s = entry<Status* (*)(const TypeAndShape*, int64_t*, size_t)>(api, GetDimensions)(info, out->dims.data(), rank);
-  }
-  entry<void (*)(TypeAndShape*)>(api, ReleaseTensorTypeAndShapeInfo)(info);
-  out->value = value;
-  return s;
-}
-
-void* data_of(const Api* api, const Value* value, Status** status) {
-  void* data = nullptr;
-  *status = entry<Status* (*)(Value*, void**)>(api, GetTensorMutableData)(const_cast<Value*>(value), &data);
-  return data;
-}
-
-}  // namespace ort
+#include "ort_abi.h"
 
 namespace {
 
-// IEEE half <-> float for the CPU reference kernel (no F16C or _Float16 needed).
-float half_to_float(uint16_t h) {
-  const uint32_t sign = (h & 0x8000u) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
-  if (exponent == 0) return (sign ? -1.f : 1.f) * std::ldexp(static_cast<float>(mantissa), -24);
-  uint32_t bits = exponent == 31 ? sign | 0x7f800000u | (mantissa << 13)
-                                 : sign | ((exponent + 112) << 23) | (mantissa << 13);
-  float f;
-  memcpy(&f, &bits, 4);
-  return f;
-}
-
-uint16_t float_to_half(float f) {
-  uint32_t bits;
-  memcpy(&bits, &f, 4);
-  const uint16_t sign = (bits >> 16) & 0x8000u;
-  const float magnitude = std::fabs(f);
-  if (std::isnan(f)) return sign | 0x7e00u;
-  if (magnitude >= 65520.f) return sign | 0x7c00u;                 // rounds to infinity
-  if (magnitude < 6.103515625e-05f) {                               // subnormal half
-    return sign | static_cast<uint16_t>(std::nearbyint(magnitude * 16777216.f));
-  }
-  const uint32_t exponent = ((bits >> 23) & 0xff) - 112, mantissa = bits & 0x7fffffu;
-  uint32_t half = (exponent << 10) | (mantissa >> 13);
-  const uint32_t rest = mantissa & 0x1fffu;                          // round to nearest, ties to even
-  if (rest > 0x1000u || (rest == 0x1000u && (half & 1u))) ++half;
-  return sign | static_cast<uint16_t>(half);
-}
-
-float to_float(float v) { return v; }
-float to_float(uint16_t v) { return half_to_float(v); }
-void store(float v, float* out) { *out = v; }
-void store(float v, uint16_t* out) { *out = float_to_half(v); }
+using olive_lab::store;
+using olive_lab::to_float;
 
 // The CPU kernel: float32 (CPU models) or float16 (the CUDA kernels' reference). Only the mask's active span of A's
 // columns is read, rows of A and B are read contiguously (the inner loops vectorize), and with no adapter y is
@@ -326,24 +186,12 @@ const ort::CustomOp kCudaOp = make_op<true, ort::kFloat16>();
 
 }  // namespace
 
-// The entry point ORT looks up in a custom-op library (SessionOptions.register_custom_ops_library, or ORT GenAI's
-// session_options.custom_ops_library).
-extern "C" __attribute__((visibility("default"))) ort::Status* RegisterCustomOps(ort::SessionOptions* options,
-                                                                                 const ort::ApiBase* base) {
-  const ort::Api* api = base->GetApi(ort::kApiVersion);
-  if (!api) return nullptr;  // ORT older than 1.16 cannot even make a status for this: it reports the missing op
-  using ort::entry;
-  ort::CustomOpDomain* domain = nullptr;
-  if (ort::Status* s = entry<ort::Status* (*)(const char*, ort::CustomOpDomain**)>(api, ort::CreateCustomOpDomain)(
-          "olive_lab", &domain))
-    return s;
-  auto add = entry<ort::Status* (*)(ort::CustomOpDomain*, const ort::CustomOp*)>(api, ort::CustomOpDomain_Add);
+ort::Status* add_lora_resident_ops(const ort::Api* api, ort::CustomOpDomain* domain) {
+  auto add = ort::entry<ort::Status* (*)(ort::CustomOpDomain*, const ort::CustomOp*)>(api, ort::CustomOpDomain_Add);
   if (ort::Status* s = add(domain, &kCpuOp)) return s;
   if (ort::Status* s = add(domain, &kCpuOp16)) return s;
 #ifdef OLIVE_LAB_CUDA
   if (ort::Status* s = add(domain, &kCudaOp)) return s;
 #endif
-  // The domain must outlive every session built from `options`: it is never released (one per registration).
-  return entry<ort::Status* (*)(ort::SessionOptions*, ort::CustomOpDomain*)>(api, ort::AddCustomOpDomain)(options,
-                                                                                                          domain);
+  return nullptr;
 }

@@ -24,6 +24,7 @@ from olive_lab.onnx.build import export_model, set_cuda_graph
 from olive_lab.onnx.grid import int8_matmuls, write_torch_grid
 from olive_lab.onnx.lora import (
     add_lora_inputs,
+    fuse_branches,
     fuse_resident,
     make_resident,
     peft_to_inputs,
@@ -130,17 +131,24 @@ def build_onnx(
         if execution_provider == "cuda":
             set_cuda_graph(model_dir, cuda_graph)
         slots = add_lora_inputs(model_dir / "model.onnx", config, lora_layout, weight_names(hf_dir)) if adapters else []
+        # layout "fused": on CUDA the adapters are resident (ORT GenAI re-copies adapter files to the device at every
+        # step), on the CPU they stay files, as float16 with packed B matrices
+        files_fused = lora_layout == "fused" and execution_provider != "cuda"
         values = {
-            name: peft_to_inputs(folder, slots, switch=lora_layout == "switch") for name, folder in adapters.items()
+            name: peft_to_inputs(folder, slots, switch=lora_layout == "switch", packed=files_fused)
+            for name, folder in adapters.items()
         }
-        if lora_layout in ("resident", "fused") and adapters:
+        if lora_layout in ("resident", "fused") and not files_fused and adapters:
             values = make_resident(model_dir / "model.onnx", slots, values)
         if lora_layout == "fused" and adapters:
             import tempfile
 
             from olive_lab.kernels import attach, library_for
 
-            log.info("fused LoRA: %d slots as olive_lab.LoraResident", fuse_resident(model_dir / "model.onnx"))
+            if files_fused:
+                log.info("fused LoRA: %d slots as olive_lab.LoraBranch", fuse_branches(model_dir / "model.onnx", slots))
+            else:
+                log.info("fused LoRA: %d slots as olive_lab.LoraResident", fuse_resident(model_dir / "model.onnx"))
             with tempfile.TemporaryDirectory(prefix="olive-lab-kernels-") as build_dir:
                 attach(model_dir, library_for(execution_provider, Path(build_dir)))
         for name, folder in adapters.items():
