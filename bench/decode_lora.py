@@ -94,7 +94,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--block-size", type=int, default=None, help="default: model.group_size from params.yaml")
     parser.add_argument("--lm-head", default=None, help="default: optimize.lm_head from params.yaml")
-    parser.add_argument("--lora-layout", default=None, help="branches | switch (default: optimize.lora_layout)")
+    parser.add_argument(
+        "--lora-layout", default=None, help="branches | switch | resident | fused (default: optimize.lora_layout)"
+    )
     parser.add_argument(
         "--threads",
         type=int,

@@ -92,9 +92,10 @@ def fits(conf: dict) -> str | None:
     return None
 
 
-def build(size: str, work: Path, block_size: int | None = None) -> dict:
+def build(size: str, work: Path, block_size: int | None = None, lora_layout: str | None = None) -> dict:
     """The HF folder, the ORT model with its adapter, the Q4_0 GGUF and the LoRA GGUF of one size (cached). With
-    `block_size`, the ORT model uses that int4 block instead of params.yaml's (its own folder; the rest is shared)."""
+    `block_size` or `lora_layout`, the ORT model uses that int4 block or LoRA layout instead of params.yaml's (its own
+    folder; the rest is shared)."""
     from olive_lab.base_model import gguf_path, materialize
     from olive_lab.gguf_export import lora_gguf, model_gguf
     from olive_lab.lora import random_adapter
@@ -103,11 +104,12 @@ def build(size: str, work: Path, block_size: int | None = None) -> dict:
 
     conf = model_conf(size)
     root = work / size
-    suffix = "" if block_size is None else f"-b{block_size}"
+    opt = yaml.safe_load((ROOT / "params.yaml").read_text())["optimize"]
+    layout = resolve_layout(lora_layout or opt["lora_layout"], "cpu")
+    suffix = ("" if block_size is None else f"-b{block_size}") + ("" if lora_layout is None else f"-{layout}")
     state_file = root / f"state{suffix}.json"
     if state_file.exists():
         return json.loads(state_file.read_text())
-    opt = yaml.safe_load((ROOT / "params.yaml").read_text())["optimize"]
     base, onnx_dir, peft_dir = root / "base", root / f"onnx{suffix}", root / "peft"
     block = block_size or int(opt["block_size"])
     seconds = {}
@@ -123,7 +125,7 @@ def build(size: str, work: Path, block_size: int | None = None) -> dict:
         print(f"[{size}] ONNX int4, block {block} (the optimize stage's builder call)", flush=True)
         build_onnx(base, onnx_dir, {"adapter": peft_dir}, precision=opt["precision"], block_size=block,
                    accuracy_level=int(opt["accuracy_level"]), execution_provider="cpu", lm_head=opt["lm_head"],
-                   lora_layout=resolve_layout(opt["lora_layout"], "cpu"))  # fmt: skip
+                   lora_layout=layout)  # fmt: skip
     seconds["onnx"] = round(time.time() - start, 1)
     start = time.time()
     q4_0 = root / "model-q4_0.gguf"
@@ -134,8 +136,8 @@ def build(size: str, work: Path, block_size: int | None = None) -> dict:
     hf_config = json.loads((base / "config.json").read_text())
     lora = lora_gguf(peft_dir, hf_config, root / "lora.gguf")
     seconds["gguf"] = round(time.time() - start, 1)
-    state = {"size": size, "base": str(base), "onnx": str(onnx_dir), "ort_block_size": block, "q4_0": str(q4_0),
-             "lora": str(lora), "build_seconds": seconds}  # fmt: skip
+    state = {"size": size, "base": str(base), "onnx": str(onnx_dir), "ort_block_size": block, "lora_layout": layout,
+             "q4_0": str(q4_0), "lora": str(lora), "build_seconds": seconds}  # fmt: skip
     state_file.write_text(json.dumps(state, indent=2))
     return state
 
@@ -318,6 +320,7 @@ def measure(state: dict, threads: int, rounds: int, new_tokens: int, profile: bo
     result = {
         "params_b": round(param_count({**hf_config}) / 1e9, 3),
         "ort_block_size": state.get("ort_block_size", 32),
+        "lora_layout": state.get("lora_layout", "branches"),
         "dims": SIZES[size],
         "ratio": {
             "no_adapter": round(decode["ort_base"] / decode["llama_q4_0"], 2),
@@ -408,6 +411,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="default: bench/results/<date>-scaling.json")
     parser.add_argument("--no-profile", action="store_true", help="skip ORT's per-op profile of a decode step")
     parser.add_argument("--block-size", type=int, default=None, help="ORT's int4 block (default: params.yaml's)")
+    parser.add_argument("--lora-layout", default=None, help="ORT's LoRA layout (default: params.yaml's, for the CPU)")
     args = parser.parse_args()
     wanted = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in SIZES]
@@ -424,7 +428,7 @@ def main() -> None:
             print(f"[{size}] skipped: {reason}", flush=True)
             continue
         try:
-            states[size] = build(size, args.work, args.block_size)
+            states[size] = build(size, args.work, args.block_size, args.lora_layout)
         except StageError as exc:
             raise SystemExit(f"[{size}] {exc}") from None
     for size, state in states.items():

@@ -399,6 +399,126 @@ def test_a_mask_fed_by_a_graph_input_is_one_stage_error(tmp_path):
         fuse_resident(path)
 
 
+# --- olive_lab.LoraBranch: the CPU op of layout "fused" (float16 adapter inputs, packed B) -------------------------
+
+BRANCH_SHAPES = [  # (rows, K, part widths, rank): 135M's qkv and down slots, ragged widths and ranks, a prefill
+    (1, 576, (576, 192, 192), 16),
+    (1, 1536, (576,), 16),
+    (3, 100, (13, 27), 5),
+    (7, 37, (9,), 3),
+    (2, 64, (1536, 1536), 24),
+]
+
+
+def branch_feeds(rows: int, k: int, parts: tuple[int, ...], r: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    n = sum(parts)
+    return {
+        "y": rng.standard_normal((rows, n)).astype(np.float32),
+        "x": rng.standard_normal((rows, k)).astype(np.float32),
+        "A": (rng.standard_normal((k, len(parts) * r)) / np.sqrt(k)).astype(F16),
+        "B": rng.standard_normal((r, n)).astype(F16),
+        "parts": np.array(parts, np.int64),
+    }
+
+
+@pytest.fixture(scope="module")
+def branch_op(library):
+    from olive_lab.kernels import branch_session
+
+    return branch_session(library)
+
+
+@pytest.mark.parametrize("shape", BRANCH_SHAPES)
+def test_branch_op_matches_numpy(branch_op, shape):
+    """Each part's columns read their own block of x @ A (a wrong block or B read as [N, r] is far off)."""
+    from olive_lab.kernels import branch_reference
+
+    feeds = branch_feeds(*shape)
+    (out,) = branch_op.run(["out"], feeds)
+    ref = branch_reference(*(feeds[k] for k in ("y", "x", "A", "B")), shape[2])
+    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+    if len(shape[2]) > 1:  # every part with part 0's block: wrong where the parts differ
+        wrong = feeds["y"] + (feeds["x"] @ feeds["A"][:, : shape[3]].astype(np.float32)) @ feeds["B"].astype(np.float32)
+        assert np.abs(out - wrong).max() > 0.1 * np.abs(ref).max()
+
+
+def test_branch_op_portable_loop_matches_the_simd_kernel(library, tmp_path):
+    """OLIVE_LAB_KERNELS_PORTABLE=1 (read once per process, so in a child) runs the plain C++ loop, which serves
+    CPUs without AVX/FMA/F16C and non-x86 hosts: the same results to float32 rounding."""
+    import subprocess
+    import sys
+
+    from olive_lab.kernels import branch_reference
+
+    feeds = {i: branch_feeds(*shape, seed=i) for i, shape in enumerate(BRANCH_SHAPES)}
+    np.savez(tmp_path / "feeds.npz", **{f"{i}_{k}": v for i, f in feeds.items() for k, v in f.items()})
+    script = f"""
+import numpy as np
+from pathlib import Path
+from olive_lab.kernels import branch_session
+s = branch_session(Path({str(library)!r}))
+d = np.load({str(tmp_path / "feeds.npz")!r})
+outs = {{str(i): s.run(["out"], {{k: d[f"{{i}}_{{k}}"] for k in ("y", "x", "A", "B", "parts")}})[0] for i in range({len(feeds)})}}
+np.savez({str(tmp_path / "out.npz")!r}, **outs)
+"""
+    env = {**__import__("os").environ, "OLIVE_LAB_KERNELS_PORTABLE": "1"}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=Path(__file__).parents[1])
+    outs = np.load(tmp_path / "out.npz")
+    for i, shape in enumerate(BRANCH_SHAPES):
+        f = feeds[i]
+        ref = branch_reference(f["y"], f["x"], f["A"], f["B"], shape[2])
+        assert np.abs(outs[str(i)] - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_branch_op_with_rank_zero_returns_y(branch_op):
+    """The graph's defaults (no adapter): A [K, 0], B [0, N] copy y bit for bit."""
+    feeds = branch_feeds(4, 64, (64, 32), 16)
+    feeds |= {"A": np.zeros((64, 0), F16), "B": np.zeros((0, 96), F16)}
+    (out,) = branch_op.run(["out"], feeds)
+    assert np.array_equal(out, feeds["y"])
+
+
+def test_branch_shapes_that_do_not_fit_are_one_error_from_the_kernel(branch_op):
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+    feeds = branch_feeds(2, 64, (64, 32), 16)
+    for change, message in [
+        (
+            {"parts": np.array([64, 16], np.int64)},
+            "LoraBranch: parts [64, 16] must be positive widths that sum to y's last dimension, 96",
+        ),  # fmt: skip
+        ({"parts": np.array([96, 0], np.int64)}, "LoraBranch: parts [96, 0] must be positive"),
+        (
+            {"A": feeds["A"][:, :24]},
+            "LoraBranch: A [64, 24], B [16, 96] do not fit x [..., 64], y [..., 96] and 2 parts",
+        ),
+        ({"B": feeds["B"][:, :90]}, "LoraBranch: A [64, 32], B [16, 90] do not fit"),
+        ({"x": feeds["x"][:1]}, "LoraBranch: x and y differ in their leading dimensions"),
+    ]:
+        with pytest.raises(InvalidArgument, match=re.escape(message)):
+            branch_op.run(["out"], feeds | change)
+
+
+def test_fuse_branches_on_a_graph_without_the_branch_is_one_stage_error(tmp_path):
+    """A slot whose LoRA inputs feed something other than MatMul A -> MatMul B -> Add: one line naming it."""
+    import onnx
+
+    from olive_lab.onnx.lora import LoraSlot, fuse_branches
+
+    slot = LoraSlot(0, "model.layers.0.attn.o_proj", ("o_proj",), (4,), 4, "float16")
+    path = branch_model(tmp_path / "resident.onnx", "MatMul")  # a resident branch: a Mul sits between the MatMuls
+    model = onnx.load(str(path))
+    for value in [*model.graph.input, *(n for n in model.graph.node)]:  # the slot's own input names
+        if isinstance(value, onnx.ValueInfoProto):
+            value.name = {"A": slot.a, "B": slot.b}.get(value.name, value.name)
+        else:
+            value.input[:] = [{"A": slot.a, "B": slot.b}.get(i, i) for i in value.input]
+    onnx.save(model, str(path))
+    with pytest.raises(StageError, match=re.escape(f"{path}: model.layers.0.attn.o_proj's LoRA inputs are not in a branch (MatMul A, MatMul B, Add)")):  # fmt: skip
+        fuse_branches(path, [slot])
+
+
 # --- optimize.lora_layout=fused on the CPU, through build_onnx and ORT GenAI ---------------------------------------
 
 

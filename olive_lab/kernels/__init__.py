@@ -1,14 +1,16 @@
-"""olive_lab's ONNX Runtime custom-op library (libolive_lab_kernels.so): today one op, olive_lab.LoraResident.
-
-It fuses the resident multi-LoRA branch of a projection (olive_lab.onnx.lora.fuse_resident) into two CUDA launches
-instead of ORT's five. The library is C++ (lora_resident.cc: the op's contract and the ORT ABI it uses) plus CUDA
-kernels (lora_resident_cuda.cu), built here with the host's compilers:
-- `build(out_dir, cuda=False)`: g++ only, the CPU kernels (float32 models, and the float16 reference the tests run
-  in real ORT sessions);
+"""olive_lab's ONNX Runtime custom-op library (libolive_lab_kernels.so), the ops of `optimize.lora_layout=fused`:
+- olive_lab.LoraResident (lora_resident.cc, lora_resident_cuda.cu): the resident multi-LoRA branch of a projection
+  (olive_lab.onnx.lora.fuse_resident) in two CUDA launches instead of ORT's five; its CPU kernel is the reference the
+  tests run;
+- olive_lab.LoraBranch (lora_branch.cc): the LoRA branch of a CPU model (olive_lab.onnx.lora.fuse_branches), whose
+  adapter files hold float16 A and packed B matrices, a third of the bytes of the branches layout's.
+The library is C++ against ORT's C API (ort_abi.h: the entries used, by position; library.cc: the entry point ORT
+calls) plus CUDA kernels, built here with the host's compilers:
+- `build(out_dir, cuda=False)`: g++ only, the CPU kernels;
 - `build(out_dir, cuda=True)`: nvcc, CPU + CUDA kernels, CUDA runtime linked statically (`make gpu-kernels`, which
   the offline GPU host gets as a file, like the wheelhouse, named by $OLIVE_LAB_KERNELS).
 `optimize.lora_layout=fused` builds the library for its provider (`library_for`) into the model folder.
-A model that uses the op carries the library in its folder, named in genai_config.json's
+A model that uses the ops carries the library in its folder, named in genai_config.json's
 session_options.custom_ops_library (`attach`), which ORT GenAI resolves against the config's folder.
 """
 

@@ -34,7 +34,10 @@ SWITCH = "lora_active"  # layout "switch": 0 (default) runs the plain graph, ada
 RESIDENT_MASK = "lora_mask.r{}"  # layout "resident": per slot rank, ones on the active adapter's block (none: zeros)
 RESIDENT_DATA = "lora_adapters.onnx.data"  # layout "resident": the stacked adapters, next to model.onnx
 # optimize.lora_layout also takes "auto": "resident" on CUDA, where ORT GenAI 0.18 re-copies a loaded adapter to the
-# device at every step (H200: 2.5x decode with an adapter at 3.8B), "branches" on CPU, where adapters stay files
+# device at every step (H200: 2.5x decode with an adapter at 3.8B), "branches" on CPU, where adapters stay files.
+# "fused" (olive_lab/kernels' custom ops, opt-in: the model folder then carries a library built for its platform):
+# on CUDA the resident layout with one LoraResident node per slot, on the CPU adapter files of float16 A and packed B
+# read by one LoraBranch node per slot (README, "Adapters on the CPU")
 PARAM_LAYOUTS = ("auto", *LAYOUTS)
 
 
@@ -114,7 +117,7 @@ def add_lora_inputs(
     if layout not in LAYOUTS:
         raise StageError(f"params.yaml: optimize.lora_layout must be one of {LAYOUTS}, not '{layout}'")
     # "resident" and "fused" start as "branches"; make_resident then moves the adapters' weights into the model,
-    # and fuse_resident makes each slot one custom op
+    # and fuse_resident makes each slot one custom op (CUDA), or fuse_branches does (CPU, adapters stay files)
     model = onnx.load(str(model_path), load_external_data=False)
     graph = model.graph
     elem = next(o.type.tensor_type.elem_type for o in graph.output if o.name == "logits")
@@ -308,7 +311,7 @@ def make_resident(model_path: Path, slots: list[LoraSlot], adapters: dict[str, d
 
 FUSED_DOMAIN = "olive_lab"  # the custom-op domain of olive_lab/kernels (libolive_lab_kernels.so)
 FUSED_OP = "LoraResident"
-BRANCH_OP = "LoraBranch"  # the CPU op of layout "fused": see fuse_branches
+BRANCH_OP = "LoraBranch"  # layout "fused" on the CPU: see fuse_branches
 
 
 def fuse_resident(model_path: Path) -> int:
