@@ -617,3 +617,32 @@ def test_fused_graph_has_one_branch_op_per_slot(cpu_builds):
     heads, kv = config["decoder"]["num_attention_heads"], config["decoder"]["num_key_value_heads"]
     head = config["decoder"]["head_size"]
     assert parts["model.layers.0.attn.qkv_proj.lora_parts"] == [heads * head, kv * head, kv * head]
+
+
+def test_fused_layout_on_phi3s_fused_modules(tmp_path):
+    """Phi-3 trains qkv_proj and gate_up_proj as one module each (one part per slot, B [rank, out] as PEFT has it):
+    the fused model's logits follow branches' with the same float16 adapter values."""
+    import yaml
+
+    from olive_lab.base_model import materialize
+    from olive_lab.lora import random_adapter
+    from olive_lab.onnx.check import OnnxLM
+
+    conf = yaml.safe_load((Path(__file__).parents[1] / "conf/model/tiny_phi3.yaml").read_text())
+    base = tmp_path / "base"
+    materialize(conf, base)
+    peft = random_adapter(base, tmp_path / "peft", seed=0, r=4, target_modules=conf["lora_targets"])
+    fp32 = dict(precision="int4", block_size=GROUP, accuracy_level=4, execution_provider="cpu")
+    for layout in ("fused", "branches"):
+        build_onnx(base, tmp_path / layout, {"a": peft}, **fp32, lora_layout=layout)
+    fused_values = read_adapter(tmp_path / "fused/adapters/a.onnx_adapter")
+    branch_values = read_adapter(tmp_path / "branches/adapters/a.onnx_adapter")
+    qkv = "model.layers.0.attn.qkv_proj.lora_{}.weight"
+    assert fused_values[qkv.format("B")].shape == branch_values[qkv.format("B")].shape  # one part: nothing to pack
+    rounded = {k: v.astype(F16).astype(np.float32) for k, v in branch_values.items()}
+    fused = OnnxLM(tmp_path / "fused/model").logits(IDS, fused_values)
+    same = OnnxLM(tmp_path / "branches/model").logits(IDS, rounded)
+    plain = OnnxLM(tmp_path / "branches/model").logits(IDS)
+    scale = np.abs(same).max()
+    assert np.abs(same - plain).max() > 0.01 * scale  # the adapter is applied
+    assert np.abs(fused - same).max() <= 1e-5 * scale
