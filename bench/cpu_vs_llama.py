@@ -157,6 +157,7 @@ def profile_decode(model_dir: Path, adapter_file: Path | None, threads: int, pas
     import numpy as np
     import onnxruntime as ort
 
+    from olive_lab.kernels import register_for
     from olive_lab.onnx.lora import read_adapter
 
     config = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
@@ -166,6 +167,7 @@ def profile_decode(model_dir: Path, adapter_file: Path | None, threads: int, pas
     prefix = tempfile.mkdtemp(prefix="ort-profile-") + "/decode"
     opts.enable_profiling = True
     opts.profile_file_prefix = prefix
+    register_for(opts, model_dir)  # layout "fused"'s kernels
     session = ort.InferenceSession(str(model_dir / config["filename"]), opts, providers=["CPUExecutionProvider"])
     names, shape = config["inputs"], (1, config["num_key_value_heads"], past, config["head_size"])
     feeds = {names["input_ids"]: np.array([[1]], np.int64), names["attention_mask"]: np.ones((1, past + 1), np.int64)}

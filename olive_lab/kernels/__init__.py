@@ -78,6 +78,14 @@ def attach(model_dir: Path, library: Path) -> None:
     path.write_text(json.dumps(config, indent=4) + "\n")
 
 
+def register_for(options, model_dir: Path) -> None:
+    """Register on ORT SessionOptions `options` the kernel library an ORT GenAI model folder names (layout "fused"),
+    for plain ORT sessions of its model.onnx (ORT GenAI registers it itself)."""
+    config = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]["decoder"]
+    if library := config.get("session_options", {}).get("custom_ops_library"):
+        options.register_custom_ops_library(str(Path(model_dir) / library))
+
+
 def op_session(library: Path, provider: str = "CPUExecutionProvider", dtype: str = "float16"):
     """An ORT session of one LoraResident node (inputs y, x, A, B, mask of `dtype`; output out), for checks and
     tests."""

@@ -10,6 +10,7 @@ import numpy as np
 
 from olive_lab.errors import StageError
 from olive_lab.int4_grid import read_grid
+from olive_lab.kernels import register_for
 from olive_lab.lm import IGNORE, encode_example
 from olive_lab.onnx.grid import QUANTIZED_NODE, matmul_parts
 
@@ -111,8 +112,7 @@ class OnnxLM:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.log_severity_level = 3  # LoRA defaults are overridable initializers by design; ORT warns about each
-        if library := config.get("session_options", {}).get("custom_ops_library"):  # layout "fused"'s kernels
-            opts.register_custom_ops_library(str(model_dir / library))
+        register_for(opts, model_dir)  # layout "fused"'s kernels
         providers = ["CPUExecutionProvider"]
         built_for = {name for p in config.get("session_options", {}).get("provider_options", []) for name in p}
         if "cuda" in built_for and "CUDAExecutionProvider" in ort.get_available_providers():
