@@ -443,6 +443,19 @@ def test_branch_op_matches_numpy(branch_op, shape):
         assert np.abs(out - wrong).max() > 0.1 * np.abs(ref).max()
 
 
+@pytest.mark.parametrize("shape", [(1, 2048, (2048, 512, 512), 16), (1, 8192, (2048,), 16), (9, 576, (576, 192), 16)])
+def test_branch_op_split_over_two_threads_matches_numpy(library, shape):
+    """With 2 intra-op threads a decoding slot of 192 KB or more of adapter splits K and the columns over ORT's
+    thread pool (the partial sums of x @ A added), and a prefill splits its rows; a smaller slot stays on one."""
+    from olive_lab.kernels import branch_reference, branch_session
+
+    feeds = branch_feeds(*shape)
+    ref = branch_reference(*(feeds[k] for k in ("y", "x", "A", "B")), shape[2])
+    for threads in (1, 2):
+        (out,) = branch_session(library, threads).run(["out"], feeds)
+        assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max(), threads
+
+
 def test_branch_op_portable_loop_matches_the_simd_kernel(library, tmp_path):
     """OLIVE_LAB_KERNELS_PORTABLE=1 (read once per process, so in a child) runs the plain C++ loop, which serves
     CPUs without AVX/FMA/F16C and non-x86 hosts: the same results to float32 rounding."""

@@ -142,9 +142,9 @@ def op_error(session, rows: int, k: int, n: int, r: int, active: tuple[int, int]
     }
 
 
-def branch_session(library: Path):
-    """An ORT session (CPU) of one LoraBranch node: inputs y, x (float32), A, B (float16), parts (int64); output
-    out. For checks, tests and the bench."""
+def branch_session(library: Path, threads: int = 1):
+    """An ORT session (CPU, `threads` intra-op threads) of one LoraBranch node: inputs y, x (float32), A, B
+    (float16), parts (int64); output out. For checks, tests and the bench."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -166,7 +166,7 @@ def branch_session(library: Path):
     )
     options = ort.SessionOptions()
     options.register_custom_ops_library(str(library))
-    options.intra_op_num_threads = 1
+    options.intra_op_num_threads = threads
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 

@@ -11,7 +11,7 @@ ort::Status* add_lora_branch_ops(const ort::Api* api, ort::CustomOpDomain* domai
 extern "C" __attribute__((visibility("default"))) ort::Status* RegisterCustomOps(ort::SessionOptions* options,
                                                                                  const ort::ApiBase* base) {
   const ort::Api* api = base->GetApi(ort::kApiVersion);
-  if (!api) return nullptr;  // ORT older than 1.16 cannot even make a status for this: it reports the missing op
+  if (!api) return nullptr;  // ORT older than 1.17 cannot even make a status for this: it reports the missing op
   using ort::entry;
   ort::CustomOpDomain* domain = nullptr;
   if (ort::Status* s = entry<ort::Status* (*)(const char*, ort::CustomOpDomain**)>(api, ort::CreateCustomOpDomain)(

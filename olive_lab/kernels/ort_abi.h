@@ -3,7 +3,7 @@
 //
 // The API is a table of function pointers (OrtApi) that only ever grows, so a position in it is stable across
 // releases. This file declares just the entries the ops call, by position: those of ORT's OrtApi as of API version
-// 16 (ORT 1.16). RegisterCustomOps (library.cc) asks ORT for that version, so any ORT >= 1.16 serves it.
+// 17 (ORT 1.17). RegisterCustomOps (library.cc) asks ORT for that version, so any ORT >= 1.17 serves it.
 // tests/test_kernels.py runs every entry on the installed ORT but the CUDA stream's, which `python -m
 // bench.cuda_lora kernel-check` runs on a GPU.
 #pragma once
@@ -24,7 +24,7 @@ struct CustomOpDomain;
 struct TypeAndShape;
 struct ShapeInferContext;
 
-constexpr uint32_t kApiVersion = 16;
+constexpr uint32_t kApiVersion = 17;
 enum ErrorCode { kOk = 0, kFail = 1, kInvalidArgument = 2 };
 enum ElementType { kFloat = 1, kInt64 = 7, kFloat16 = 10 };
 enum Characteristic { kRequired = 0 };
@@ -45,6 +45,7 @@ enum Entry : size_t {
   KernelContext_GetOutput = 91,
   ReleaseTensorTypeAndShapeInfo = 99,
   KernelContext_GetGPUComputeStream = 193,
+  KernelContext_ParallelFor = 274,  // API version 17
 };
 
 using Api = void* const;  // OrtApi, seen as its table of entries
