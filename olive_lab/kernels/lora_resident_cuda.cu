@@ -15,6 +15,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "lora_resident.h"
 
@@ -204,7 +205,10 @@ int lora_resident_cuda(void* stream, const LoraResidentShape& shape, const void*
                        const void* B, const void* mask, void* partial, void* out) {
   auto s = static_cast<cudaStream_t>(stream);
   const int shared = static_cast<int>(shape.R * sizeof(float));
-  if (shape.M <= kSingleLaunchMaxRows && shape.K <= kSingleLaunchMaxK) {
+  // OLIVE_LAB_LORA_TWO_LAUNCHES=1 keeps every slot on lora_down + lora_up: the A/B switch of bench.cuda_lora env-ab
+  static const bool two_launches = getenv("OLIVE_LAB_LORA_TWO_LAUNCHES") != nullptr &&
+                                   getenv("OLIVE_LAB_LORA_TWO_LAUNCHES")[0] == '1';
+  if (!two_launches && shape.M <= kSingleLaunchMaxRows && shape.K <= kSingleLaunchMaxK) {
     lora_single<<<dim3((shape.N + kThreads - 1) / kThreads, shape.M), kThreads, shared, s>>>(
         static_cast<const __half*>(y), static_cast<const __half*>(x), static_cast<const __half*>(A),
         static_cast<const __half*>(B), static_cast<const __half*>(mask), static_cast<__half*>(out), shape.K, shape.N,
