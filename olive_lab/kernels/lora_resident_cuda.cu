@@ -6,16 +6,11 @@
 //              (the active adapter's block), and writes its partial sums of x @ A to partial[m, p, :].
 //   lora_up:   grid (ceil(N / kThreads), M). Sums the P partials, then adds t @ B to y.
 // With an all-zero mask (no adapter) lora_down returns at once and lora_up only copies y: the idle cost is two
-// near-empty launches, which is what the branches layout pays too.
-// A decode step of a small slot (M = 1, K <= kSingleLaunchMaxK) takes one launch instead, lora_single: at 135M a
-// step runs 120 slots, and each launch costs about 2 us inside a CUDA graph, more than the slot's arithmetic. Every
-// block of lora_single computes the whole t = x @ A (the active columns only, from L2 after the first block) and
-// then its own columns of y + t @ B. The mask is read on the device, so a captured
+// near-empty launches, which is what the branches layout pays too. The mask is read on the device, so a captured
 // CUDA graph stays valid when the adapter changes (switching is a new mask, copied in by ORT GenAI).
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
-#include <stdlib.h>
 
 #include "lora_resident.h"
 
@@ -23,11 +18,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kColumns = 32;  // columns of A one pass of lora_down handles (an adapter's rank, padded)
-// lora_single for a decode step (one row) of a slot with at most this many input features: each block then reads
-// the active columns of A alone in a few rounds of loads (135M: K = 576 and 1536). Larger K (Phi-3.5-mini's 3072 and
-// 8192) keeps the two launches, which split K over many blocks.
-constexpr int kSingleLaunchMaxRows = 1;
-constexpr int kSingleLaunchMaxK = 2048;
 
 // The mask's active span [first, last], the same for every thread of the block.
 __device__ void active_span(const __half* mask, int R, int* first, int* last) {
@@ -107,89 +97,6 @@ __global__ void lora_up(const __half* __restrict__ y, const __half* __restrict__
   out[at] = __float2half(v);
 }
 
-// lora_single's part of t = x[m] @ A[:, first .. first + width), scaled by the mask, into s_t (zeroed, width floats).
-// Vector path (kHalves = 8): 16-byte loads of 8 active columns. A row's `groups` loads go to `lanes` adjacent lanes
-// (the power of two above groups, at most 32), so a warp covers 32 / lanes rows at once and all 256 threads
-// 256 / lanes rows; each thread keeps 8 sums over its rows, the lanes holding the same columns add theirs with
-// shuffles, and each warp adds its sums to s_t (8 warps: 8 shared atomics per column).
-__device__ void down_vector(const __half* __restrict__ xm, const __half* __restrict__ A, float* s_t, int K, int R,
-                            int first, int width) {
-  const int groups = width / 8;
-  int lanes = 1;
-  while (lanes < groups) lanes <<= 1;
-  const int lane = threadIdx.x % 32, g = lane % lanes, rows_per_round = blockDim.x / lanes;
-  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  if (g < groups) {
-    const __half* column = A + first + g * 8;
-#pragma unroll 4
-    for (int k = threadIdx.x / lanes; k < K; k += rows_per_round) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(column + static_cast<int64_t>(k) * R);
-      const __half2* a = reinterpret_cast<const __half2*>(&raw);
-      const float xk = __half2float(xm[k]);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const float2 f = __half22float2(a[i]);
-        acc[2 * i] += xk * f.x;
-        acc[2 * i + 1] += xk * f.y;
-      }
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < 8; ++i)
-    for (int offset = lanes; offset < 32; offset <<= 1) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], offset);
-  if (lane < lanes && g < groups)
-#pragma unroll
-    for (int i = 0; i < 8; ++i) atomicAdd(&s_t[g * 8 + i], acc[i]);
-}
-
-// Any alignment or width: lanes along 32 columns at a time, warps along the rows (lora_down's scheme over all of K).
-__device__ void down_scalar(const __half* __restrict__ xm, const __half* __restrict__ A, float* s_t, int K, int R,
-                            int first, int width) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-  for (int j0 = 0; j0 < width; j0 += 32) {
-    const int j = j0 + lane;
-    if (j >= width) continue;
-    float acc = 0.f;
-#pragma unroll 4
-    for (int k = warp; k < K; k += warps) acc += __half2float(xm[k]) * __half2float(A[static_cast<int64_t>(k) * R + first + j]);
-    atomicAdd(&s_t[j], acc);
-  }
-}
-
-// out[m, n] = y[m, n] + t @ B[:, n] with t as above; grid (ceil(N / kThreads), M), R floats of shared memory.
-__global__ void lora_single(const __half* __restrict__ y, const __half* __restrict__ x, const __half* __restrict__ A,
-                            const __half* __restrict__ B, const __half* __restrict__ mask, __half* __restrict__ out,
-                            int K, int N, int R) {
-  const int m = blockIdx.y, n = blockIdx.x * blockDim.x + threadIdx.x;
-  const int64_t at = static_cast<int64_t>(m) * N + n;
-  const __half y_n = n < N ? y[at] : __float2half(0.f);  // in flight while the mask is read
-  int first, last;
-  active_span(mask, R, &first, &last);
-  if (last < 0) {  // no adapter: a copy of y
-    if (n < N) out[at] = y_n;
-    return;
-  }
-  const int width = last + 1 - first;
-  extern __shared__ float s_t[];
-  for (int j = threadIdx.x; j < width; j += blockDim.x) s_t[j] = 0.f;
-  __syncthreads();
-  const __half* xm = x + static_cast<int64_t>(m) * K;
-  // 16-byte loads need 8-aligned columns and rows and a 16-byte aligned A (ORT's allocations are 256-byte aligned)
-  if (first % 8 == 0 && width % 8 == 0 && R % 8 == 0 && width <= 256 && reinterpret_cast<uintptr_t>(A) % 16 == 0)
-    down_vector(xm, A, s_t, K, R, first, width);
-  else
-    down_scalar(xm, A, s_t, K, R, first, width);
-  __syncthreads();
-  for (int j = threadIdx.x; j < width; j += blockDim.x) s_t[j] *= __half2float(mask[first + j]);
-  __syncthreads();
-  if (n >= N) return;
-  float v = __half2float(y_n);
-  const __half* column = B + static_cast<int64_t>(first) * N + n;
-#pragma unroll 16
-  for (int j = 0; j < width; ++j) v += s_t[j] * __half2float(column[static_cast<int64_t>(j) * N]);
-  out[at] = __float2half(v);
-}
-
 }  // namespace
 
 int lora_resident_cuda_warm_up() {
@@ -197,28 +104,17 @@ int lora_resident_cuda_warm_up() {
   cudaFuncAttributes attributes;
   if (cudaFuncGetAttributes(&attributes, lora_down) != cudaSuccess) return 1;
   if (cudaFuncGetAttributes(&attributes, lora_up) != cudaSuccess) return 1;
-  if (cudaFuncGetAttributes(&attributes, lora_single) != cudaSuccess) return 1;
   return 0;
 }
 
 int lora_resident_cuda(void* stream, const LoraResidentShape& shape, const void* y, const void* x, const void* A,
                        const void* B, const void* mask, void* partial, void* out) {
   auto s = static_cast<cudaStream_t>(stream);
-  const int shared = static_cast<int>(shape.R * sizeof(float));
-  // OLIVE_LAB_LORA_TWO_LAUNCHES=1 keeps every slot on lora_down + lora_up: the A/B switch of bench.cuda_lora env-ab
-  static const bool two_launches = getenv("OLIVE_LAB_LORA_TWO_LAUNCHES") != nullptr &&
-                                   getenv("OLIVE_LAB_LORA_TWO_LAUNCHES")[0] == '1';
-  if (!two_launches && shape.M <= kSingleLaunchMaxRows && shape.K <= kSingleLaunchMaxK) {
-    lora_single<<<dim3((shape.N + kThreads - 1) / kThreads, shape.M), kThreads, shared, s>>>(
-        static_cast<const __half*>(y), static_cast<const __half*>(x), static_cast<const __half*>(A),
-        static_cast<const __half*>(B), static_cast<const __half*>(mask), static_cast<__half*>(out), shape.K, shape.N,
-        shape.R);
-    return cudaGetLastError() == cudaSuccess ? 0 : 1;
-  }
   const int P = lora_partial_blocks(shape.K);
   lora_down<<<dim3(P, shape.M), kThreads, 0, s>>>(static_cast<const __half*>(x), static_cast<const __half*>(A),
                                                   static_cast<const __half*>(mask), static_cast<float*>(partial),
                                                   shape.K, shape.R, P);
+  const int shared = static_cast<int>(shape.R * sizeof(float));
   lora_up<<<dim3((shape.N + kThreads - 1) / kThreads, shape.M), kThreads, shared, s>>>(
       static_cast<const __half*>(y), static_cast<const __half*>(B), static_cast<const __half*>(mask),
       static_cast<const float*>(partial), static_cast<__half*>(out), shape.N, shape.R, P);
