@@ -5,6 +5,7 @@ Each example is formatted with the model's own chat template and only the respon
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -121,7 +122,7 @@ def finetune(task: str, s: dict, device: str, base: Path, splits: Path, out: Pat
     )
     metrics["eval_loss_reduction"] = round(1 - metrics["adapter_eval_loss"] / metrics["base_eval_loss"], 4)
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
+        save_adapter(model, Path(tmp))
     distributed.barrier()
     log.info(
         "%s: adapter eval loss %.4f (%.0f%% lower) in %.0f s",
@@ -149,8 +150,21 @@ def random_adapter(base: Path, out: Path, seed: int, r: int = 4, target_modules:
         target_modules=target_modules or decoder_linear_names(model),
         task_type="CAUSAL_LM",
     )
-    get_peft_model(model, config).save_pretrained(str(out))
+    save_adapter(get_peft_model(model, config), Path(out))
     return out
+
+
+def save_adapter(peft_model, folder: Path) -> None:
+    """save_pretrained with a byte-stable adapter_config.json. PEFT keeps target_modules as a set and writes it in
+    the set's order, which follows Python's per-process string hashing: the same adapter got a new file, so a new
+    DVC hash for models/adapters and everything built from it, on every run."""
+    peft_model.save_pretrained(str(folder))
+    config_file = folder / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def check_targets(model_dir: Path, targets: list[str]) -> None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -59,6 +62,27 @@ def test_same_seed_gives_the_same_adapter_and_training_lowers_the_loss(tiny_base
     assert metrics["adapter_eval_loss"] < metrics["base_eval_loss"], metrics
     config = json.loads((tmp_path / "a/adapter_config.json").read_text())
     assert config["r"] == 4 and set(config["target_modules"]) == {"q_proj", "v_proj", "down_proj"}
+
+
+def test_an_adapter_folder_is_byte_identical_across_processes(tiny_base, tmp_path):
+    """PEFT writes target_modules in a set's order, which follows the process's string hashing: without
+    olive_lab.lora.save_adapter's sorting, every run gave models/adapters a new DVC hash."""
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    script = (
+        "import sys; from pathlib import Path; from olive_lab.lora import random_adapter; "
+        f"random_adapter(Path(sys.argv[1]), Path(sys.argv[2]), 0, target_modules={targets!r})"
+    )
+    folders = []
+    for hash_seed in ("1", "2", "3"):
+        out = tmp_path / f"seed{hash_seed}"
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(ROOT)}
+        subprocess.run([sys.executable, "-c", script, str(tiny_base), str(out)], env=env, check=True, cwd=ROOT)
+        folders.append({f.name: f.read_bytes() for f in sorted(out.iterdir())})
+    assert folders[0].keys() == {"README.md", "adapter_config.json", "adapter_model.safetensors"}
+    for other in folders[1:]:
+        for name in folders[0]:
+            assert other[name] == folders[0][name], name
+    assert json.loads(folders[0]["adapter_config.json"])["target_modules"] == sorted(targets)
 
 
 def test_a_failed_run_leaves_no_adapter_folder(tiny_base, splits, tmp_path):
