@@ -357,6 +357,29 @@ def measure(state: dict, threads: int, rounds: int, new_tokens: int, profile: bo
     return result
 
 
+def cpu_isa() -> list[str]:
+    """The vector extensions MLAS and ggml pick their int4 kernels by: results move with them (no AVX2 on
+    2026-12-04's host made ORT's block-32 kernel the slowest part of a 1.7B step)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines()
+                  if line.startswith("flags")), []) if cpuinfo.exists() else []  # fmt: skip
+    return [f for f in ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni") if f in flags]
+
+
+def add_run_best_bound(sizes: dict) -> None:
+    """Each size's share of the bound also against the best copy bandwidth of the whole run. A size's own readings
+    can all fall in a busy stretch of a shared host (2026-12-06: 16 GB/s through the 360M rounds, 40-60 around
+    them), which makes its own share read near 100 %; the run-wide best is the host's bandwidth."""
+    measured = [v for v in sizes.values() if "ratio" in v]
+    if not measured:
+        return
+    best = max(v["copy_bandwidth_gb_s"] for v in measured)
+    for v in measured:
+        scale = v["copy_bandwidth_gb_s"] / best
+        v["share_of_run_best_bound"] = {k: round(x * scale, 3) for k, x in v["share_of_bound"].items()}
+        v["run_best_copy_bandwidth_gb_s"] = best
+
+
 def goals(sizes: dict) -> dict:
     """Each goal of the issue, met or not, from the measured sizes (None where no size was measured)."""
     big = {k: v for k, v in sizes.items() if "ratio" in v and v["params_b"] >= 1.6}
@@ -376,7 +399,7 @@ def goals(sizes: dict) -> dict:
         ),
         "share_of_bound_ge_0.6_at_1.7b_plus": every(
             [
-                v["share_of_bound"][k] >= GOALS["share_of_bound_at_1.7b_plus"]
+                v.get("share_of_run_best_bound", v["share_of_bound"])[k] >= GOALS["share_of_bound_at_1.7b_plus"]
                 for v in big.values()
                 for k in ("ort_base", "ort_adapter")
             ]
@@ -436,9 +459,10 @@ def main() -> None:
         print(
             f"[{size}] {json.dumps({k: sizes[size][k] for k in ('params_b', 'ratio', 'share_of_bound')})}", flush=True
         )
+    add_run_best_bound(sizes)
     result = {
         "date": dt.date.today().isoformat(),
-        "machine": f"{cpu_name()}, {os.cpu_count()} cores",
+        "machine": f"{cpu_name()} ({', '.join(cpu_isa()) or 'no AVX'}), {os.cpu_count()} cores",
         "threads": args.threads,
         "rounds": args.rounds,
         "new_tokens": args.new_tokens,

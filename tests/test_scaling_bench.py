@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from bench.scaling import fits, gguf_bytes_per_token, goals, model_conf
+from bench.scaling import add_run_best_bound, fits, gguf_bytes_per_token, goals, model_conf
 from tests.conftest import ROOT
 from tests.test_gguf_export import shipped_tokenizer_gguf
 
@@ -71,6 +71,17 @@ def test_goals_are_judged_per_size_and_unmeasured_ones_are_none():
     assert not any(missed.values())
     skipped = goals({"3.8b": {"skipped": "too big"}})
     assert set(skipped.values()) == {None}
+
+
+def test_a_size_measured_in_a_busy_stretch_is_judged_against_the_run_best_bandwidth():
+    busy = {**size_result(1.71, 1.5, 0.9, 1.0), "copy_bandwidth_gb_s": 20.0}  # its own readings all low
+    quiet = {**size_result(0.135, 1.3, 0.3, 1.0), "copy_bandwidth_gb_s": 50.0}
+    sizes = {"135m": quiet, "1.7b": busy, "3.8b": {"skipped": "too big"}}
+    add_run_best_bound(sizes)
+    assert busy["share_of_run_best_bound"] == {"ort_base": 0.36, "ort_adapter": 0.36}
+    assert quiet["share_of_run_best_bound"] == quiet["share_of_bound"]
+    assert busy["run_best_copy_bandwidth_gb_s"] == 50.0 and "share_of_run_best_bound" not in sizes["3.8b"]
+    assert goals(sizes)["share_of_bound_ge_0.6_at_1.7b_plus"] is False  # 0.9 of its own bound, 0.36 of the host's
 
 
 def test_an_unknown_size_fails_in_one_line():
