@@ -519,19 +519,26 @@ def ab(size: str, work: Path, arms: dict[str, dict], repeats: int, out: Path, ex
             layout: {a: round(medians["with"][layout][a] / medians["without"][layout][a], 3) for a in speeds}
             for layout, speeds in medians["without"].items()
         },
-        # the cuda-lora issue's cost: an active adapter on the resident model against the best no-adapter speed
+        # the cuda-lora issue's cost, per arm and device-resident layout (fused, resident): an active adapter against
+        # the best no-adapter speed of any multi-LoRA layout the arm measured
         "adapter_cost_vs_best_no_adapter": {
-            arm: round(1 - m["resident"]["a"] / max(m["resident"]["base"], m["branches"]["base"]), 3)
+            arm: {
+                name: round(1 - m[name]["a"] / max(v["base"] for k, v in m.items() if k != "plain"), 3)
+                for name in ("fused", "resident")
+                if name in m
+            }
             for arm, m in medians.items()
         },
         # per arm: every reading gives the first reading's tokens; across arms: the same tokens as the first arm
-        "same_greedy_tokens_within_arm": {
-            arm: all(
-                run["ort"][layout][a]["tokens"] == runs[0]["ort"][layout][a]["tokens"]
-                for run in runs
+        "same_greedy_tokens_within_arm": {  # per layout, so a reading that parts names where
+            arm: {
+                layout: all(
+                    run["ort"][layout][a]["tokens"] == runs[0]["ort"][layout][a]["tokens"]
+                    for run in runs
+                    for a in medians[arm][layout]
+                )
                 for layout in layouts
-                for a in medians[arm][layout]
-            )
+            }
             for arm, runs in runs_of.items()
         },
         "same_greedy_tokens": {
