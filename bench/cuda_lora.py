@@ -345,6 +345,13 @@ def measure_layouts(size: str, work: Path, layouts: list[str], out: Path, with_p
     out.write_text(json.dumps(result))
 
 
+def adapter_cost(medians: dict) -> dict:
+    """The cuda-lora issue's cost per device-resident layout (fused, resident): 1 - its decode tok/s with an adapter
+    over the best no-adapter tok/s of any multi-LoRA graph measured beside it (medians: {layout: {"base", "a"}})."""
+    best_idle = max(m["base"] for name, m in medians.items() if name != "plain")
+    return {name: round(1 - medians[name]["a"] / best_idle, 3) for name in ("fused", "resident") if name in medians}
+
+
 def kernel_check(out: Path) -> None:
     """olive_lab.LoraResident on CUDA against numpy at the slot shapes of both sizes (decode and a 71-token prefill):
     one line per shape, and SystemExit if an error exceeds float16 rounding of the sums or the ONNX nodes' error."""
@@ -416,7 +423,6 @@ def layouts_by_process(size: str, work: Path, layouts: list[str], repeats: int, 
     medians = median_of("decode_tok_s")
     # the first token with each adapter, after the previous reading ran another one: the switch stays instant
     ttft = median_of("ttft_ms")
-    best_idle = max(m["base"] for name, m in medians.items() if name != "plain")  # of a multi-LoRA graph
 
     def agreeing_prefix(name: str, adapter: str) -> int:
         ours, theirs = (
@@ -437,9 +443,7 @@ def layouts_by_process(size: str, work: Path, layouts: list[str], repeats: int, 
         "new_tokens": NEW_TOKENS,
         "decode_tok_s": medians,
         "ttft_ms": ttft,
-        "adapter_cost_vs_best_no_adapter": {
-            name: round(1 - medians[name]["a"] / best_idle, 3) for name in ("fused", "resident") if name in medians
-        },
+        "adapter_cost_vs_best_no_adapter": adapter_cost(medians),
         "tokens_agreeing_with_resident": {
             name: {a: agreeing_prefix(name, a) for a in medians[name]}
             for name in layouts
@@ -519,16 +523,7 @@ def ab(size: str, work: Path, arms: dict[str, dict], repeats: int, out: Path, ex
             layout: {a: round(medians["with"][layout][a] / medians["without"][layout][a], 3) for a in speeds}
             for layout, speeds in medians["without"].items()
         },
-        # the cuda-lora issue's cost, per arm and device-resident layout (fused, resident): an active adapter against
-        # the best no-adapter speed of any multi-LoRA layout the arm measured
-        "adapter_cost_vs_best_no_adapter": {
-            arm: {
-                name: round(1 - m[name]["a"] / max(v["base"] for k, v in m.items() if k != "plain"), 3)
-                for name in ("fused", "resident")
-                if name in m
-            }
-            for arm, m in medians.items()
-        },
+        "adapter_cost_vs_best_no_adapter": {arm: adapter_cost(m) for arm, m in medians.items()},
         # per arm: every reading gives the first reading's tokens; across arms: the same tokens as the first arm
         "same_greedy_tokens_within_arm": {  # per layout, so a reading that parts names where
             arm: {
