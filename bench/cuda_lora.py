@@ -473,7 +473,7 @@ def ab(size: str, work: Path, arms: dict[str, dict], repeats: int, out: Path, ex
     variables to set (None: unset), "builder": the build's options}. The arms take turns, `repeats` times each, and
     neither always goes first. Per layout (resident, branches and `extra_layouts`, e.g. plain) and adapter: each arm's
     median decode tok/s and their ratio, and whether the greedy tokens are the same; the first child of each arm
-    also profiles every layout's kernels."""
+    also profiles every layout's kernels, with no adapter and with adapter a."""
     import os
     import statistics
     import subprocess
@@ -544,10 +544,11 @@ def ab(size: str, work: Path, arms: dict[str, dict], repeats: int, out: Path, ex
             for layout in layouts
         },
         "profile": {arm: runs[0].get("profile") for arm, runs in runs_of.items()},
+        "profile_adapter": {arm: runs[0].get("profile_adapter") for arm, runs in runs_of.items()},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "profile"}, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if not k.startswith("profile")}, indent=2))
 
 
 def summarize(size: str, measured: dict) -> dict:

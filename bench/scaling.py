@@ -50,7 +50,15 @@ from bench.cpu_vs_llama import (
     require_llama_cpp,
     summary,
 )
-from olive_lab.decode import SPEED_PROMPT, bytes_per_token, cpu_name, linked_copy, model_peak_rss_mb, ort_greedy
+from olive_lab.decode import (
+    SPEED_PROMPT,
+    bytes_per_token,
+    cpu_isa,
+    cpu_name,
+    linked_copy,
+    model_peak_rss_mb,
+    ort_greedy,
+)
 from olive_lab.errors import StageError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -355,15 +363,6 @@ def measure(state: dict, threads: int, rounds: int, new_tokens: int, profile: bo
         }
     shutil.rmtree(scratch, ignore_errors=True)
     return result
-
-
-def cpu_isa() -> list[str]:
-    """The vector extensions MLAS and ggml pick their int4 kernels by: results move with them (no AVX2 on
-    2026-12-04's host made ORT's block-32 kernel the slowest part of a 1.7B step)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines()
-                  if line.startswith("flags")), []) if cpuinfo.exists() else []  # fmt: skip
-    return [f for f in ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni") if f in flags]
 
 
 def add_run_best_bound(sizes: dict) -> None:

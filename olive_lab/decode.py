@@ -215,10 +215,23 @@ def bytes_per_token(model_dir: Path, adapter_file: Path | None, context: int) ->
     return {"weights": weights, "adapter": adapter, "kv_cache": kv, "total": weights + adapter + kv}
 
 
+def _cpuinfo_field(name: str) -> str | None:
+    """The first `name: value` line of /proc/cpuinfo (None where there is none, or no /proc/cpuinfo)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
+        if line.startswith(name):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
 def cpu_name() -> str:
     import platform
 
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
+    return _cpuinfo_field("model name") or platform.machine()
+
+
+def cpu_isa() -> list[str]:
+    """The vector extensions MLAS and ggml pick their int4 kernels by: CPU results move with them (no AVX2 on
+    2026-12-04's host made ORT's block-32 kernel the slowest part of a 1.7B step)."""
+    flags = (_cpuinfo_field("flags") or "").split()
+    return [f for f in ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni") if f in flags]

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Variants of the fused layout's CUDA kernels (olive_lab/kernels/lora_resident_cuda.cu, picked by environment
+# settings the library reads when a session creates the op) on an offline CUDA host. Prepare as for run_cuda_lora.sh
+# (`make gpu-kernels gpu-tokenizer`, the wheels installed into $SITE), then, from the repository root:
+#     bash bench/gpu/run_lora_kernels_ab.sh check [NAME=VALUE...]      # kernel-check with these settings
+#     bash bench/gpu/run_lora_kernels_ab.sh screen SIZE VARIANT...     # one process per variant, fused layout only
+#     bash bench/gpu/run_lora_kernels_ab.sh ab SIZE NAME=VALUE         # env-ab: the library's default against it
+#     SIZE: default | phi35; VARIANT: `default` or settings joined by '+', e.g.
+#     OLIVE_LAB_LORA_KERNELS=v1 (the kernels a change replaced, while the library still carries them),
+#     OLIVE_LAB_LORA_PDL=0, OLIVE_LAB_LORA_UP_THREADS=64. Settings exported before `ab` hold in both of its arms.
+# Writes under OUT_DIR (default bench/results): <date>-cuda-lora-kernel-check[-<settings>].json,
+# <date>-cuda-lora-kernel-screen-<size>.json (a first look: one reading per variant, for picking what to A/B) and
+# <date>-cuda-lora-env-ab-<size>.json. A kernel that fails its check stops the script before anything is measured.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+source bench/gpu/env.sh
+WORK=${WORK:-/tmp/cuda_lora}
+OUT_DIR=${OUT_DIR:-bench/results}
+day=$(date +%F)
+mkdir -p "$OUT_DIR"
+built() {  # build SIZE's layouts once per WORK
+  grep -qs '"fused"' "$WORK/$1/state.json" ||
+    python3 -m bench.cuda_lora build --size "$1" --work "$WORK" --layouts plain,branches,resident,fused
+}
+step=${1:?step: check, screen or ab}; shift
+case "$step" in
+  check)
+    tag=$(echo "$*" | tr -c 'A-Za-z0-9\n' '-' | tr 'A-Z' 'a-z')
+    env "$@" python3 -m bench.cuda_lora kernel-check --out "$OUT_DIR/$day-cuda-lora-kernel-check${tag:+-$tag}.json" ;;
+  screen)
+    size=${1:?size}; shift
+    built "$size"
+    for variant in "$@"; do
+      settings=(); [ "$variant" = default ] || IFS=+ read -r -a settings <<< "$variant"
+      mkdir -p "$OUT_DIR/screen"
+      env "${settings[@]}" python3 -m bench.cuda_lora measure-one --size "$size" --work "$WORK" --layouts fused \
+        --with-profile --out "$OUT_DIR/screen/$day-$size-$(echo "$variant" | tr -c 'A-Za-z0-9\n' '-').json"
+    done
+    python3 - "$OUT_DIR/screen/$day-$size" "$OUT_DIR/$day-cuda-lora-kernel-screen-$size.json" "$@" <<'PY'
+import json, re, sys
+from pathlib import Path
+import torch
+prefix, out, variants = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+speeds, lora_us = {}, {}
+for v in variants:
+    child = json.loads(Path(f"{prefix}-{re.sub(r'[^A-Za-z0-9]', '-', v)}.json").read_text())
+    speeds[v] = {a: r["decode_tok_s"] for a, r in child["ort"]["fused"].items()}
+    lora_us[v] = {
+        mode: {k.split("::")[-1].split("(")[0]: us for k, us in child[key]["fused"]["kernel_us_by_name"].items() if "lora" in k}
+        for mode, key in (("none", "profile"), ("a", "profile_adapter"))
+    }
+result = {"device": torch.cuda.get_device_name(0), "size": Path(prefix).name.split("-", 3)[-1], "fused_decode_tok_s": speeds,
+          "lora_kernel_us_per_token": lora_us,
+          "about": "one child process per variant, in this order: a first look for picking an A/B, not a result"}
+out.write_text(json.dumps(result, indent=2) + "\n")
+print(json.dumps(result, indent=2))
+PY
+    ;;
+  ab)
+    size=${1:?size}; setting=${2:?NAME=VALUE}
+    built "$size"
+    python3 -m bench.cuda_lora env-ab --size "$size" --work "$WORK" --env "$setting" --layouts fused,plain \
+      --out "$OUT_DIR/$day-cuda-lora-env-ab-$size.json" ;;
+  *) echo "usage: $0 check [NAME=VALUE...] | screen SIZE VARIANT... | ab SIZE NAME=VALUE" >&2; exit 2 ;;
+esac
