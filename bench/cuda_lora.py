@@ -467,13 +467,14 @@ AB_LAYOUTS = ("resident", "branches")
 
 
 def ab(size: str, work: Path, arms: dict[str, dict], repeats: int, out: Path, extra_layouts: tuple[str, ...] = (),
-       about: dict | None = None) -> None:  # fmt: skip
+       about: dict | None = None, block_size: int | None = None, lm_head: str = "int8") -> None:  # fmt: skip
     """A/B of two arms, each a child process per reading (an environment setting is read when a session is created,
     and a process's first session decodes faster than later ones): `arms` maps "without"/"with" to {"env": the
     variables to set (None: unset), "builder": the build's options}. The arms take turns, `repeats` times each, and
     neither always goes first. Per layout (resident, branches and `extra_layouts`, e.g. plain) and adapter: each arm's
     median decode tok/s and their ratio, and whether the greedy tokens are the same; the first child of each arm
-    also profiles every layout's kernels, with no adapter and with adapter a."""
+    also profiles every layout's kernels, with no adapter and with adapter a. `block_size` / `lm_head`: the build
+    to measure, as for `build`."""
     import os
     import statistics
     import subprocess
@@ -491,7 +492,8 @@ def ab(size: str, work: Path, arms: dict[str, dict], repeats: int, out: Path, ex
                     env[key] = value
             child_out = work / f"ab-{arm}-{i}.json"
             cmd = [sys.executable, "-m", "bench.cuda_lora", "measure-one", "--size", size, "--work", str(work),
-                   "--layouts", ",".join(layouts), "--out", str(child_out)]  # fmt: skip
+                   "--layouts", ",".join(layouts), "--lm-head", lm_head, "--out", str(child_out)]  # fmt: skip
+            cmd += ["--block-size", str(block_size)] if block_size else []
             for key, value in arms[arm].get("builder", {}).items():
                 cmd += ["--builder-option", f"{key}={value}"]
             if i == 0:
@@ -710,7 +712,8 @@ def main() -> None:
         arms = {"without": {"env": dict.fromkeys(env_setting)}, "with": {"env": env_setting}}
         ab(args.size, args.work, arms, args.repeats,
            args.out or Path(f"bench/results/{date.today()}-cuda-lora-env-ab-{args.size}.json"), extra_layouts,
-           {"setting": args.env})  # fmt: skip
+           {"setting": args.env, "block_size": args.block_size, "lm_head": args.lm_head}, args.block_size,
+           args.lm_head)  # fmt: skip
     elif args.step == "build-ab":
         arms = {"without": {"builder": {}}, "with": {"builder": builder_opts}}
         ab(args.size, args.work, arms, args.repeats,

@@ -8,6 +8,8 @@
 #     SIZE: default | phi35; VARIANT: `default` or settings joined by '+', e.g.
 #     OLIVE_LAB_LORA_KERNELS=v1 (the kernels a change replaced, while the library still carries them),
 #     OLIVE_LAB_LORA_PDL=0, OLIVE_LAB_LORA_UP_THREADS=64. Settings exported before `ab` hold in both of its arms.
+#     BLOCK=128 LM_HEAD=fp32 (environment) pick the build, as bench.cuda_lora's --block-size / --lm-head do: the
+#     any-model issue's 3.8B figures come from `BLOCK=128 LM_HEAD=fp32 ... phi35`.
 # Writes under OUT_DIR (default bench/results): <date>-cuda-lora-kernel-check[-<settings>].json,
 # <date>-cuda-lora-kernel-screen-<size>.json (a first look: one reading per variant, for picking what to A/B) and
 # <date>-cuda-lora-env-ab-<size>.json. A kernel that fails its check stops the script before anything is measured.
@@ -18,9 +20,11 @@ WORK=${WORK:-/tmp/cuda_lora}
 OUT_DIR=${OUT_DIR:-bench/results}
 day=$(date +%F)
 mkdir -p "$OUT_DIR"
-built() {  # build SIZE's layouts once per WORK
-  grep -qs '"fused"' "$WORK/$1/state.json" ||
-    python3 -m bench.cuda_lora build --size "$1" --work "$WORK" --layouts plain,branches,resident,fused
+build=(--lm-head "${LM_HEAD:-int8}"); [ -n "${BLOCK:-}" ] && build+=(--block-size "$BLOCK")
+root() { echo "$WORK/$1${BLOCK:+-b$BLOCK}$([ "${LM_HEAD:-int8}" = int8 ] || echo "-head-$LM_HEAD")"; }  # size_root's
+built() {  # build SIZE's layouts once per WORK and build
+  grep -qs '"fused"' "$(root "$1")/state.json" ||
+    python3 -m bench.cuda_lora build --size "$1" --work "$WORK" --layouts plain,branches,resident,fused "${build[@]}"
 }
 step=${1:?step: check, screen or ab}; shift
 case "$step" in
@@ -34,7 +38,7 @@ case "$step" in
       settings=(); [ "$variant" = default ] || IFS=+ read -r -a settings <<< "$variant"
       mkdir -p "$OUT_DIR/screen"
       env "${settings[@]}" python3 -m bench.cuda_lora measure-one --size "$size" --work "$WORK" --layouts fused \
-        --with-profile --out "$OUT_DIR/screen/$day-$size-$(echo "$variant" | tr -c 'A-Za-z0-9\n' '-').json"
+        "${build[@]}" --with-profile --out "$OUT_DIR/screen/$day-$size-$(echo "$variant" | tr -c 'A-Za-z0-9\n' '-').json"
     done
     python3 - "$OUT_DIR/screen/$day-$size" "$OUT_DIR/$day-cuda-lora-kernel-screen-$size.json" "$@" <<'PY'
 import json, re, sys
@@ -59,7 +63,7 @@ PY
   ab)
     size=${1:?size}; setting=${2:?NAME=VALUE}
     built "$size"
-    python3 -m bench.cuda_lora env-ab --size "$size" --work "$WORK" --env "$setting" --layouts fused,plain \
+    python3 -m bench.cuda_lora env-ab --size "$size" --work "$WORK" --env "$setting" --layouts fused,plain "${build[@]}" \
       --out "$OUT_DIR/$day-cuda-lora-env-ab-$size.json" ;;
   *) echo "usage: $0 check [NAME=VALUE...] | screen SIZE VARIANT... | ab SIZE NAME=VALUE" >&2; exit 2 ;;
 esac
