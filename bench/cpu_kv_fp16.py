@@ -21,18 +21,21 @@ from datetime import date
 
 import numpy as np
 
+from bench.scaling import model_conf
 from olive_lab.decode import cpu_isa, cpu_name
 from olive_lab.paths import BENCH_RESULTS
 
-HEADS, KV_HEADS, HEAD_DIM, MAX_POSITIONS = 32, 32, 64, 8192  # SmolLM2-1.7B (bench.scaling's "1.7b")
-LAYERS = 24
+# bench.scaling's 1.7B model, whose profile put attention at 15 % of a decode step
+ARCH = model_conf("1.7b")["arch"]
+HEADS, KV_HEADS, LAYERS = ARCH["num_attention_heads"], ARCH["num_key_value_heads"], ARCH["num_hidden_layers"]
+HEAD_DIM = ARCH["hidden_size"] // HEADS
 
 
 def attention_session(dtype: str, threads: int):
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    elem = TensorProto.FLOAT16 if dtype == "float16" else TensorProto.FLOAT
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     hidden = (HEADS + 2 * KV_HEADS) * HEAD_DIM
     inputs = [
         helper.make_tensor_value_info("qkv", elem, [1, 1, hidden]),
@@ -41,11 +44,12 @@ def attention_session(dtype: str, threads: int):
         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
         helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
     ]
-    angles = np.arange(MAX_POSITIONS)[:, None] / 130000.0 ** (np.arange(0, HEAD_DIM, 2) / HEAD_DIM)[None, :]
+    inverse_frequencies = ARCH["rope_theta"] ** -(np.arange(0, HEAD_DIM, 2) / HEAD_DIM)
+    angles = np.arange(ARCH["max_position_embeddings"])[:, None] * inverse_frequencies[None, :]
     caches = [
-        helper.make_tensor(name, elem, list(angles.shape), fn(angles).astype(np.float16 if dtype == "float16" else np.float32).flatten().tolist())
+        helper.make_tensor(name, elem, list(angles.shape), fn(angles).astype(dtype).flatten().tolist())
         for name, fn in (("cos_cache", np.cos), ("sin_cache", np.sin))
-    ]  # fmt: skip
+    ]
     node = helper.make_node(
         "GroupQueryAttention",
         ["qkv", "", "", "past_key", "past_value", "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"],
@@ -73,11 +77,10 @@ def bind_step(session, dtype: str, context: int, buffer: int, seed: int = 0):
     positions (random values, the same for either dtype at one seed)."""
     import onnxruntime as ort
 
-    np_dtype = np.float16 if dtype == "float16" else np.float32
     rng = np.random.default_rng(seed)
-    qkv = rng.standard_normal((1, 1, (HEADS + 2 * KV_HEADS) * HEAD_DIM)).astype(np_dtype)
-    key = ort.OrtValue.ortvalue_from_numpy(rng.standard_normal((1, KV_HEADS, buffer, HEAD_DIM)).astype(np_dtype))
-    value = ort.OrtValue.ortvalue_from_numpy(rng.standard_normal((1, KV_HEADS, buffer, HEAD_DIM)).astype(np_dtype))
+    qkv = rng.standard_normal((1, 1, (HEADS + 2 * KV_HEADS) * HEAD_DIM)).astype(dtype)
+    key = ort.OrtValue.ortvalue_from_numpy(rng.standard_normal((1, KV_HEADS, buffer, HEAD_DIM)).astype(dtype))
+    value = ort.OrtValue.ortvalue_from_numpy(rng.standard_normal((1, KV_HEADS, buffer, HEAD_DIM)).astype(dtype))
     binding = session.io_binding()
     binding.bind_cpu_input("qkv", qkv)
     binding.bind_ortvalue_input("past_key", key)
@@ -118,9 +121,7 @@ def main() -> None:
             readings[d].append(step_us(sessions[d], d, args.context, args.steps, buffer))
         print(i, {d: round(r[-1], 1) for d, r in readings.items()}, flush=True)
     median = {d: round(statistics.median(r), 1) for d, r in readings.items()}
-    kv_mb = {
-        d: round(2 * KV_HEADS * (args.context + 1) * HEAD_DIM * (2 if d == "float16" else 4) / 1e6, 3) for d in sessions
-    }
+    kv_mb = {d: round(2 * KV_HEADS * (args.context + 1) * HEAD_DIM * np.dtype(d).itemsize / 1e6, 3) for d in sessions}
     result = {
         "date": str(date.today()),
         "machine": f"{cpu_name()} ({', '.join(cpu_isa()) or 'no AVX'}), {os.cpu_count()} cores",

@@ -21,7 +21,11 @@ OUT_DIR=${OUT_DIR:-bench/results}
 day=$(date +%F)
 mkdir -p "$OUT_DIR"
 build=(--lm-head "${LM_HEAD:-int8}"); [ -n "${BLOCK:-}" ] && build+=(--block-size "$BLOCK")
-root() { echo "$WORK/$1${BLOCK:+-b$BLOCK}$([ "${LM_HEAD:-int8}" = int8 ] || echo "-head-$LM_HEAD")"; }  # size_root's
+root() {  # SIZE's build folder, as bench.cuda_lora names it
+  python3 -c "import sys; from pathlib import Path; from bench.cuda_lora import size_root
+print(size_root(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]) if sys.argv[3] else None, sys.argv[4]))" \
+    "$WORK" "$1" "${BLOCK:-}" "${LM_HEAD:-int8}"
+}
 built() {  # build SIZE's layouts once per WORK and build
   grep -qs '"fused"' "$(root "$1")/state.json" ||
     python3 -m bench.cuda_lora build --size "$1" --work "$WORK" --layouts plain,branches,resident,fused "${build[@]}"
@@ -34,26 +38,29 @@ case "$step" in
   screen)
     size=${1:?size}; shift
     built "$size"
+    mkdir -p "$OUT_DIR/screen"
+    readings=()  # variant, its child's JSON, ...
     for variant in "$@"; do
       settings=(); [ "$variant" = default ] || IFS=+ read -r -a settings <<< "$variant"
-      mkdir -p "$OUT_DIR/screen"
+      reading="$OUT_DIR/screen/$day-$size-$(echo "$variant" | tr -c 'A-Za-z0-9\n' '-').json"
       env "${settings[@]}" python3 -m bench.cuda_lora measure-one --size "$size" --work "$WORK" --layouts fused \
-        "${build[@]}" --with-profile --out "$OUT_DIR/screen/$day-$size-$(echo "$variant" | tr -c 'A-Za-z0-9\n' '-').json"
+        "${build[@]}" --with-profile --out "$reading"
+      readings+=("$variant" "$reading")
     done
-    python3 - "$OUT_DIR/screen/$day-$size" "$OUT_DIR/$day-cuda-lora-kernel-screen-$size.json" "$@" <<'PY'
-import json, re, sys
+    python3 - "$size" "$OUT_DIR/$day-cuda-lora-kernel-screen-$size.json" "${readings[@]}" <<'PY'
+import json, sys
 from pathlib import Path
 import torch
-prefix, out, variants = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+size, out, pairs = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
 speeds, lora_us = {}, {}
-for v in variants:
-    child = json.loads(Path(f"{prefix}-{re.sub(r'[^A-Za-z0-9]', '-', v)}.json").read_text())
+for v, reading in zip(pairs[::2], pairs[1::2]):
+    child = json.loads(Path(reading).read_text())
     speeds[v] = {a: r["decode_tok_s"] for a, r in child["ort"]["fused"].items()}
     lora_us[v] = {
         mode: {k.split("::")[-1].split("(")[0]: us for k, us in child[key]["fused"]["kernel_us_by_name"].items() if "lora" in k}
         for mode, key in (("none", "profile"), ("a", "profile_adapter"))
     }
-result = {"device": torch.cuda.get_device_name(0), "size": Path(prefix).name.split("-", 3)[-1], "fused_decode_tok_s": speeds,
+result = {"device": torch.cuda.get_device_name(0), "size": size, "fused_decode_tok_s": speeds,
           "lora_kernel_us_per_token": lora_us,
           "about": "one child process per variant, in this order: a first look for picking an A/B, not a result"}
 out.write_text(json.dumps(result, indent=2) + "\n")
