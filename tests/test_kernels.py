@@ -24,7 +24,9 @@ from olive_lab.onnx.lora import (
     FUSED_DOMAIN,
     FUSED_OP,
     RESIDENT_MASK,
+    SWIGLU_OP,
     fuse_resident,
+    fuse_swiglu,
     read_adapter,
     write_adapter,
 )
@@ -397,6 +399,128 @@ def test_a_mask_fed_by_a_graph_input_is_one_stage_error(tmp_path):
     path = branch_model(tmp_path / "odd.onnx", "MatMul", mask_input="x")
     with pytest.raises(StageError, match=re.escape(str(path))):
         fuse_resident(path)
+
+
+# --- olive_lab.LoraResidentSwiGlu: the gate/up slot with the MLP's activation folded in --------------------------
+
+
+@pytest.fixture(scope="module")
+def swiglu_op(library):
+    return op_session(library, swiglu=True)
+
+
+@pytest.mark.parametrize("shape", [v for v in SHAPES.values() if v[2] % 2 == 0], ids=[k for k, v in SHAPES.items() if v[2] % 2 == 0])  # fmt: skip
+def test_swiglu_op_matches_numpy_within_float16_rounding(swiglu_op, shape):
+    """out = silu(z[:, :N/2]) * z[:, N/2:] of LoraResident's z, rounded once: within a float16 ulp of numpy's float32
+    and closer than the builder's Split, Sigmoid and two Muls, which round z, the sigmoid and each product."""
+    rows, k, n, r, active = shape
+    for seed in (0, 1):
+        check = op_error(swiglu_op, rows, k, n, r, active, seed=seed)
+        assert check["max_abs"] > 5, check
+        assert check["max_abs_error"] <= REL_BOUND * check["max_abs"], check
+        assert check["no_adapter_is_swiglu_of_y"], check
+        assert check["max_abs_error"] <= check["onnx_nodes_max_abs_error"], check
+
+
+def test_swiglu_op_gates_with_the_first_half(swiglu_op):
+    """The bound above tells the right activation from the halves swapped or the adapter left out."""
+    from olive_lab.kernels import swiglu
+
+    feeds = random_inputs(3, 96, 64, 32, (0, 16))
+    (out,) = swiglu_op.run(["out"], feeds)
+    assert out.shape == (3, 32)
+    ref = swiglu(reference(feeds))
+    bound = REL_BOUND * np.abs(ref).max()
+    assert np.abs(out - ref).max() <= bound
+    z = reference(feeds)
+    wrong = {"halves swapped": swiglu(np.concatenate([z[:, 32:], z[:, :32]], axis=1)),
+             "no adapter": swiglu(feeds["y"].astype(np.float32))}  # fmt: skip
+    for what, value in wrong.items():
+        assert np.abs(out - value).max() > 50 * bound, what
+
+
+def test_swiglu_op_with_an_odd_width_is_one_error(swiglu_op):
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+    feeds = random_inputs(2, 16, 9, 4, (0, 4))
+    with pytest.raises(InvalidArgument, match=re.escape("LoraResidentSwiGlu: y [..., 9] has an odd last dimension")):
+        swiglu_op.run(["out"], feeds)
+    good = random_inputs(2, 16, 8, 4, (0, 4))
+    assert swiglu_op.run(["out"], good)[0].shape == (2, 4)  # and the session still computes
+
+
+@pytest.fixture(scope="module")
+def phi3_fused(tmp_path_factory) -> dict:
+    """A tiny Phi-3 (packed gate_up_proj) built for CUDA (float16) in the resident layout, fused two ways: LoraResident
+    only (split.onnx) and then with fuse_swiglu (swiglu.onnx), both beside the weights."""
+    import yaml
+
+    from olive_lab.base_model import materialize
+    from olive_lab.lora import random_adapter
+
+    root = tmp_path_factory.mktemp("phi3_fused")
+    conf = yaml.safe_load((Path(__file__).parents[1] / "conf/model/tiny_phi3.yaml").read_text())
+    base = root / "base"
+    materialize(conf, base)
+    peft = random_adapter(base, root / "peft", seed=0, r=4, target_modules=conf["lora_targets"])
+    fp16 = dict(precision="int4", block_size=GROUP, accuracy_level=4, execution_provider="cuda")
+    build_onnx(base, root / "resident", {"a": peft}, **fp16, lora_layout="resident")
+    model_dir = root / "resident" / "model"
+    shutil.copyfile(model_dir / "model.onnx", model_dir / "split.onnx")
+    fuse_resident(model_dir / "split.onnx")
+    shutil.copyfile(model_dir / "split.onnx", model_dir / "swiglu.onnx")
+    return {
+        "swiglu_count": fuse_swiglu(model_dir / "swiglu.onnx"),
+        "split": model_dir / "split.onnx",
+        "swiglu": model_dir / "swiglu.onnx",
+        "masks": read_adapter(root / "resident" / "adapters" / "a.onnx_adapter"),
+    }
+
+
+def test_fuse_swiglu_folds_the_mlp_activation_into_each_gate_up_slot(phi3_fused):
+    split, fused = graph_of(phi3_fused["split"]), graph_of(phi3_fused["swiglu"])
+    assert phi3_fused["swiglu_count"] == 2  # one gate/up slot per layer
+    before = Counter((n.domain, n.op_type) for n in split.graph.node)
+    after = Counter((n.domain, n.op_type) for n in fused.graph.node)
+    # per layer: the Split, the Sigmoid and both Muls are gone, the slot's op is the SwiGlu one
+    gone = Counter({("", "Split"): 2, ("", "Sigmoid"): 2, ("", "Mul"): 4, (FUSED_DOMAIN, FUSED_OP): 2})
+    assert after == before - gone + Counter({(FUSED_DOMAIN, SWIGLU_OP): 2})
+    for node in (n for n in fused.graph.node if n.op_type == SWIGLU_OP):
+        assert "gate_up_proj" in node.input[2] and node.output[0].endswith("/mlp/Mul/output_0"), node
+        down = next(n for n in fused.graph.node if n.op_type == "MatMulNBits" and node.output[0] in n.input)
+        assert "down_proj" in down.name
+
+
+def test_fuse_swiglu_model_follows_the_unfused_one(phi3_fused, library):
+    """Same logits with no adapter and with one (prefill and a decoding step), to float16 rounding: the op rounds z,
+    the sigmoid and the products once instead of four times."""
+    split, fused = Decoder(phi3_fused["split"], library), Decoder(phi3_fused["swiglu"], library)
+    none = split.run(IDS, NEXT_ID)
+    for adapter in (None, phi3_fused["masks"]):
+        for got, want, base in zip(fused.run(IDS, NEXT_ID, adapter), split.run(IDS, NEXT_ID, adapter), none, strict=True):  # fmt: skip
+            assert got.shape == want.shape and np.abs(got - want).max() <= ADAPTER_TOL
+            if adapter is not None:
+                assert np.abs(got - base).max() > 10 * ADAPTER_TOL  # the adapter is still applied
+
+
+def test_fuse_swiglu_folds_llamas_packed_mlp_and_leaves_a_half_read_elsewhere(fused, tmp_path):
+    """optimize builds every model with fuse_mlp_gate_up, so Llama's MLP has the same Split; but a slot whose gate
+    half is also read elsewhere (here: a graph output) keeps its nodes, graph unchanged."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    path = tmp_path / "fused.onnx"
+    shutil.copyfile(fused["fused"], path)
+    shutil.copyfile(path, tmp_path / "read.onnx")
+    assert fuse_swiglu(path) == 2
+    model = graph_of(tmp_path / "read.onnx")
+    splits = [n for n in model.graph.node if n.op_type == "Split"]
+    for split in splits:
+        model.graph.output.append(helper.make_tensor_value_info(split.output[0], TensorProto.FLOAT16, None))
+    onnx.save(model, str(tmp_path / "read.onnx"))
+    before = [(n.op_type, n.name) for n in graph_of(tmp_path / "read.onnx").graph.node]
+    assert len(splits) == 2 and fuse_swiglu(tmp_path / "read.onnx") == 0
+    assert [(n.op_type, n.name) for n in graph_of(tmp_path / "read.onnx").graph.node] == before
 
 
 # --- olive_lab.LoraBranch: the CPU op of layout "fused" (float16 adapter inputs, packed B) -------------------------

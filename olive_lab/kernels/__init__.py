@@ -1,7 +1,8 @@
 """olive_lab's ONNX Runtime custom-op library (libolive_lab_kernels.so), the ops of `optimize.lora_layout=fused`:
 - olive_lab.LoraResident (lora_resident.cc, lora_resident_cuda.cu): the resident multi-LoRA branch of a projection
   (olive_lab.onnx.lora.fuse_resident) in two CUDA launches instead of ORT's five; its CPU kernel is the reference the
-  tests run;
+  tests run; olive_lab.LoraResidentSwiGlu, the same for a packed gate/up projection, also applies the MLP's
+  activation (olive_lab.onnx.lora.fuse_swiglu);
 - olive_lab.LoraBranch (lora_branch.cc): the LoRA branch of a CPU model (olive_lab.onnx.lora.fuse_branches), whose
   adapter files hold float16 A and packed B matrices, a third of the bytes of the branches layout's.
 The library is C++ against ORT's C API (ort_abi.h: the entries used, by position; library.cc: the entry point ORT
@@ -86,24 +87,24 @@ def register_for(options, model_dir: Path) -> None:
         options.register_custom_ops_library(str(Path(model_dir) / library))
 
 
-def op_session(library: Path, provider: str = "CPUExecutionProvider", dtype: str = "float16"):
-    """An ORT session of one LoraResident node (inputs y, x, A, B, mask of `dtype`; output out), for checks and
-    tests."""
+def op_session(library: Path, provider: str = "CPUExecutionProvider", dtype: str = "float16", swiglu: bool = False):
+    """An ORT session of one LoraResident node (LoraResidentSwiGlu with `swiglu`; inputs y, x, A, B, mask of
+    `dtype`; output out), for checks and tests."""
     import numpy as np
     import onnxruntime as ort
     from onnx import helper
 
-    from olive_lab.onnx.lora import FUSED_DOMAIN, FUSED_OP
+    from olive_lab.onnx.lora import FUSED_DOMAIN, FUSED_OP, SWIGLU_OP
 
     names = ("y", "x", "A", "B", "mask")
     shapes = (["rows", "N"], ["rows", "K"], ["K", "R"], ["R", "N"], ["R"])
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    node = helper.make_node(FUSED_OP, list(names), ["out", "partial"], domain=FUSED_DOMAIN)
+    node = helper.make_node(SWIGLU_OP if swiglu else FUSED_OP, list(names), ["out", "partial"], domain=FUSED_DOMAIN)
     graph = helper.make_graph(
         [node],
         "lora_resident",
         [helper.make_tensor_value_info(n, elem, s) for n, s in zip(names, shapes, strict=True)],
-        [helper.make_tensor_value_info("out", elem, ["rows", "N"])],
+        [helper.make_tensor_value_info("out", elem, ["rows", "H" if swiglu else "N"])],
     )
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(FUSED_DOMAIN, 1)], ir_version=10
@@ -113,12 +114,23 @@ def op_session(library: Path, provider: str = "CPUExecutionProvider", dtype: str
     return ort.InferenceSession(model.SerializeToString(), options, providers=[provider])
 
 
+def swiglu(z):
+    """The packed gate/up activation LoraResidentSwiGlu applies, in numpy: silu(first half) * second half."""
+    import numpy as np
+
+    gate, up = np.split(z, 2, axis=-1)
+    return gate / (1 + np.exp(-gate)) * up
+
+
 def op_error(session, rows: int, k: int, n: int, r: int, active: tuple[int, int], seed: int = 0) -> dict:
     """The op against numpy in float32 on random inputs of the session's type (op_session's dtype), the mask's ones
-    on columns [active[0], active[1]): the largest absolute error, the same for the four ONNX nodes it replaces (which round x @ A, the mask product
-    and the delta to float16 on the way; the op keeps them in float32), the reference's largest value, and whether
-    an all-zero mask returns y exactly."""
+    on columns [active[0], active[1]): the largest absolute error, the same for the ONNX nodes it replaces (which
+    round x @ A, the mask product and the delta to float16 on the way, and for LoraResidentSwiGlu z, the Sigmoid and
+    both products; the op keeps them in float32), the reference's largest value, and whether an all-zero mask
+    returns y exactly (LoraResidentSwiGlu: swiglu(y) within float16 rounding, `no_adapter_is_swiglu_of_y`)."""
     import numpy as np
+
+    gated = session.get_outputs()[0].shape[-1] == "H"
 
     dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
     rng = np.random.default_rng(seed)
@@ -134,11 +146,19 @@ def op_error(session, rows: int, k: int, n: int, r: int, active: tuple[int, int]
     f16 = dtype  # the ONNX nodes round to the graph's type
     hidden = ((x.astype(np.float32) @ a.astype(np.float32)).astype(f16) * mask).astype(f16)
     nodes = (y + (hidden.astype(np.float32) @ b.astype(np.float32)).astype(f16)).astype(np.float32)
+    if not gated:
+        idle_check = {"no_adapter_returns_y": bool((idle == y).all())}
+    else:  # the builder's nodes: Split, Sigmoid, Mul, Mul, each rounding to the graph's type
+        gate, up = np.split(nodes.astype(f16), 2, axis=-1)
+        nodes = ((gate * (1 / (1 + np.exp(-gate.astype(np.float32)))).astype(f16)).astype(f16) * up).astype(np.float32)
+        ref = swiglu(ref)
+        base = swiglu(y.astype(np.float32))
+        idle_check = {"no_adapter_is_swiglu_of_y": bool(np.abs(idle.astype(np.float32) - base).max() <= 2**-10 * np.abs(base).max())}  # fmt: skip
     return {
         "max_abs_error": float(np.abs(out.astype(np.float32) - ref).max()),
         "onnx_nodes_max_abs_error": float(np.abs(nodes - ref).max()),
         "max_abs": float(np.abs(ref).max()),
-        "no_adapter_returns_y": bool((idle == y).all()),
+        **idle_check,
     }
 
 

@@ -11,6 +11,9 @@ struct LoraResidentShape {
   int K;  // in_features
   int N;  // out_features
   int R;  // columns of A (adapters x rank)
+  // LoraResidentSwiGlu: out [M, N / 2] = silu(z[:, :N / 2]) * z[:, N / 2:] of z = LoraResident's out, the
+  // packed gate/up projection's activation (the Split, Sigmoid and two Muls ORT would run after it)
+  bool swiglu;
 };
 
 // Enqueue the op on `stream` (a cudaStream_t); 0 on success.

@@ -26,6 +26,7 @@ from olive_lab.onnx.lora import (
     add_lora_inputs,
     fuse_branches,
     fuse_resident,
+    fuse_swiglu,
     make_resident,
     peft_to_inputs,
     read_adapter,
@@ -149,6 +150,9 @@ def build_onnx(
                 log.info("fused LoRA: %d slots as olive_lab.LoraBranch", fuse_branches(model_dir / "model.onnx", slots))
             else:
                 log.info("fused LoRA: %d slots as olive_lab.LoraResident", fuse_resident(model_dir / "model.onnx"))
+                swiglu = fuse_swiglu(model_dir / "model.onnx")
+                if swiglu:
+                    log.info("fused LoRA: %d gate/up slots apply the MLP's SwiGLU themselves", swiglu)
             with tempfile.TemporaryDirectory(prefix="olive-lab-kernels-") as build_dir:
                 attach(model_dir, library_for(execution_provider, Path(build_dir)))
         for name, folder in adapters.items():
