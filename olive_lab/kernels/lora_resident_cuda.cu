@@ -10,17 +10,9 @@
 // CUDA graph stays valid when the adapter changes (switching is a new mask, copied in by ORT GenAI).
 // LoraResidentSwiGlu is the same pair whose lora_up also applies the packed gate/up projection's activation,
 // silu(gate) * up, writing N / 2 columns: three fewer kernels per layer (ORT's Split, QuickGelu and Mul).
-//
-// Programmatic dependent launch (PDL; Hopper and later, OLIVE_LAB_LORA_PDL=1 when a session creates the op, an A/B
-// switch until measured): both kernels are launched so that they may start before the kernel ahead of them ends.
-// Before griddepcontrol.wait a kernel reads only the mask (an initializer or a graph input: complete before the step
-// starts) and writes nothing; lora_down lets lora_up start at once. ORT launches the next kernel the usual way, so it
-// still finds lora_up complete.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
 
 #include "lora_resident.h"
 
@@ -28,24 +20,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kColumns = 32;  // columns of A one pass of lora_down handles (an adapter's rank, padded)
-
-bool use_pdl = false;  // set by lora_resident_cuda_warm_up
-
-// Wait for the kernel ahead to finish and its writes to be visible (compiled out without PDL or before sm_90).
-template <bool kPdl>
-__device__ __forceinline__ void wait_for_previous() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (kPdl) asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-// Let the next kernel, launched with PDL, start now.
-template <bool kPdl>
-__device__ __forceinline__ void start_next() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (kPdl) asm volatile("griddepcontrol.launch_dependents;" :::);
-#endif
-}
 
 __device__ __forceinline__ float silu(float v) { return v / (1.f + __expf(-v)); }
 
@@ -71,13 +45,10 @@ __device__ void active_span(const __half* mask, int R, int* first, int* last) {
 // Lanes run along the columns (a row of A is contiguous, so a warp reads it coalesced), warps along the rows. A
 // block covers few rows (kRowsPerBlock) so that each thread has only a handful of independent loads, all in flight
 // at once: at these sizes the kernel's time is memory latency, not bandwidth. The warps' sums meet in shared memory.
-template <bool kPdl>
 __global__ void lora_down(const __half* __restrict__ x, const __half* __restrict__ A, const __half* __restrict__ mask,
                           float* __restrict__ partial, int K, int R, int P) {
-  start_next<kPdl>();  // lora_up reads only the mask until it waits for this kernel
   int first, last;
   active_span(mask, R, &first, &last);
-  wait_for_previous<kPdl>();  // x comes from the kernel ahead
   if (last < 0) return;  // no adapter: lora_up skips the partials too
   const int p = blockIdx.x, m = blockIdx.y;
   constexpr int kWarps = kThreads / 32, kRowsPerWarp = kRowsPerBlock / kWarps;
@@ -107,23 +78,43 @@ __global__ void lora_down(const __half* __restrict__ x, const __half* __restrict
   }
 }
 
-// Each block first sums the P partials of the active columns (all threads at once, into shared memory), then each
+// Each block first sums the P partials of the active columns (all threads at once, in a fixed order), then each
 // thread adds t @ B for one output column (a row of B is contiguous: coalesced across the threads). kSwiGlu: thread
 // n does columns n (gate) and n + N / 2 (up) and writes silu(gate) * up to out[m, n], out being [M, N / 2].
-template <bool kPdl, bool kSwiGlu>
+template <bool kSwiGlu>
 __global__ void lora_up(const __half* __restrict__ y, const __half* __restrict__ B, const __half* __restrict__ mask,
                         const float* __restrict__ partial, __half* __restrict__ out, int N, int R, int P) {
   int first, last;
   active_span(mask, R, &first, &last);
-  wait_for_previous<kPdl>();  // lora_down's partials, and y before them
   const int m = blockIdx.y, n = blockIdx.x * blockDim.x + threadIdx.x;
   const int64_t at = static_cast<int64_t>(m) * N + n;
-  extern __shared__ float s_t[];  // t[first .. last]
-  const int width = last + 1 - first;
-  for (int j = threadIdx.x; j < width; j += blockDim.x) s_t[j] = 0.f;
-  __syncthreads();
+  extern __shared__ float s_t[];       // t[first .. last]
+  __shared__ float s_share[kThreads];  // the groups' sums, [group][column]
+  const int width = last + 1 - first;  // <= 0 with no adapter
   const float* pm = partial + static_cast<int64_t>(m) * P * R + first;
-  for (int i = threadIdx.x; i < P * width; i += blockDim.x) atomicAdd(&s_t[i % width], pm[(i / width) * R + i % width]);
+  // The P partials are summed in a fixed order, so that a run's output (and its greedy tokens) is the same every
+  // time: float atomics added them in whatever order the warps came. `groups` threads per column each sum every
+  // groups-th partial; then one thread per column adds the groups' sums.
+  if (width > 0 && width <= kThreads) {
+    const int groups = kThreads / width, g = threadIdx.x / width, j = threadIdx.x % width;
+    if (g < groups) {
+      float share = 0.f;
+      for (int p = g; p < P; p += groups) share += pm[static_cast<int64_t>(p) * R + j];
+      s_share[g * width + j] = share;
+    }
+    __syncthreads();
+    if (threadIdx.x < width) {
+      float v = 0.f;
+      for (int h = 0; h < groups; ++h) v += s_share[h * width + threadIdx.x];
+      s_t[threadIdx.x] = v;
+    }
+  } else {
+    for (int j = threadIdx.x; j < width; j += blockDim.x) {
+      float v = 0.f;
+      for (int p = 0; p < P; ++p) v += pm[static_cast<int64_t>(p) * R + j];
+      s_t[j] = v;
+    }
+  }
   __syncthreads();
   const __half* column = B + static_cast<int64_t>(first) * N + n;
   if (kSwiGlu) {
@@ -145,35 +136,17 @@ __global__ void lora_up(const __half* __restrict__ y, const __half* __restrict__
   out[at] = __float2half(v);
 }
 
-// Launch `kernel` on `stream`, with PDL where use_pdl says so.
-template <typename... Params, typename... Args>
-cudaError_t launch(void (*kernel)(Params...), dim3 grid, size_t shared, cudaStream_t stream, Args... args) {
-  cudaLaunchAttribute pdl;
-  pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  pdl.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = shared;
-  config.stream = stream;
-  config.attrs = &pdl;
-  config.numAttrs = use_pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
-}
-
-template <bool kPdl, bool kSwiGlu>
+template <bool kSwiGlu>
 int enqueue(cudaStream_t s, const LoraResidentShape& shape, const void* y, const void* x, const void* A,
             const void* B, const void* mask, void* partial, void* out) {
   const int P = lora_partial_blocks(shape.K);
   const auto* mask16 = static_cast<const __half*>(mask);
-  if (launch(lora_down<kPdl>, dim3(P, shape.M), 0, s, static_cast<const __half*>(x), static_cast<const __half*>(A),
-             mask16, static_cast<float*>(partial), shape.K, shape.R, P) != cudaSuccess)
-    return 1;
+  lora_down<<<dim3(P, shape.M), kThreads, 0, s>>>(static_cast<const __half*>(x), static_cast<const __half*>(A), mask16,
+                                                  static_cast<float*>(partial), shape.K, shape.R, P);
   const int columns = kSwiGlu ? shape.N / 2 : shape.N;
-  if (launch(lora_up<kPdl, kSwiGlu>, dim3((columns + kThreads - 1) / kThreads, shape.M), shape.R * sizeof(float), s,
-             static_cast<const __half*>(y), static_cast<const __half*>(B), mask16,
-             static_cast<const float*>(partial), static_cast<__half*>(out), shape.N, shape.R, P) != cudaSuccess)
-    return 1;
+  lora_up<kSwiGlu><<<dim3((columns + kThreads - 1) / kThreads, shape.M), kThreads, shape.R * sizeof(float), s>>>(
+      static_cast<const __half*>(y), static_cast<const __half*>(B), mask16, static_cast<const float*>(partial),
+      static_cast<__half*>(out), shape.N, shape.R, P);
   return cudaGetLastError() == cudaSuccess ? 0 : 1;
 }
 
@@ -182,24 +155,15 @@ int enqueue(cudaStream_t s, const LoraResidentShape& shape, const void* y, const
 int lora_resident_cuda_warm_up() {
   // Load the kernels now, at session creation: a lazy load inside ORT's CUDA graph capture would break it.
   cudaFuncAttributes attributes;
-  for (const void* kernel : {reinterpret_cast<const void*>(lora_down<false>), reinterpret_cast<const void*>(lora_down<true>),
-                             reinterpret_cast<const void*>(lora_up<false, false>), reinterpret_cast<const void*>(lora_up<false, true>),
-                             reinterpret_cast<const void*>(lora_up<true, false>), reinterpret_cast<const void*>(lora_up<true, true>)})
-    if (cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess) return 1;
-  int device = 0, major = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 1;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return 1;
-  const char* pdl = getenv("OLIVE_LAB_LORA_PDL");
-  use_pdl = major >= 9 && pdl && strcmp(pdl, "1") == 0;
+  if (cudaFuncGetAttributes(&attributes, lora_down) != cudaSuccess) return 1;
+  if (cudaFuncGetAttributes(&attributes, lora_up<false>) != cudaSuccess) return 1;
+  if (cudaFuncGetAttributes(&attributes, lora_up<true>) != cudaSuccess) return 1;
   return 0;
 }
 
 int lora_resident_cuda(void* stream, const LoraResidentShape& shape, const void* y, const void* x, const void* A,
                        const void* B, const void* mask, void* partial, void* out) {
   auto s = static_cast<cudaStream_t>(stream);
-  if (use_pdl)
-    return shape.swiglu ? enqueue<true, true>(s, shape, y, x, A, B, mask, partial, out)
-                        : enqueue<true, false>(s, shape, y, x, A, B, mask, partial, out);
-  return shape.swiglu ? enqueue<false, true>(s, shape, y, x, A, B, mask, partial, out)
-                      : enqueue<false, false>(s, shape, y, x, A, B, mask, partial, out);
+  return shape.swiglu ? enqueue<true>(s, shape, y, x, A, B, mask, partial, out)
+                      : enqueue<false>(s, shape, y, x, A, B, mask, partial, out);
 }
