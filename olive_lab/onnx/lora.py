@@ -315,6 +315,18 @@ SWIGLU_OP = "LoraResidentSwiGlu"  # FUSED_OP with the packed gate/up activation 
 BRANCH_OP = "LoraBranch"  # layout "fused" on the CPU: see fuse_branches
 
 
+def graph_with_readers(model_path: Path):
+    """The ONNX model at `model_path` (without its weights) and, per value name, the nodes that read it."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return model, consumers
+
+
 def fuse_resident(model_path: Path) -> int:
     """Layout "fused": each slot's resident branch (MatMul A, Mul mask, MatMul B, Add) of a make_resident model as
     one olive_lab.LoraResident node, whose CUDA kernel (olive_lab/kernels) does it in two launches instead of ORT's
@@ -380,12 +392,8 @@ def fuse_swiglu(model_path: Path) -> int:
     import onnx
     from onnx import helper
 
-    model = onnx.load(str(model_path), load_external_data=False)
+    model, consumers = graph_with_readers(model_path)
     graph = model.graph
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
     graph_outputs = {o.name for o in graph.output}
     initializers = {t.name: t for t in graph.initializer}
 
@@ -448,12 +456,8 @@ def fuse_branches(model_path: Path, slots: list[LoraSlot]) -> int:
     import onnx
     from onnx import TensorProto, helper
 
-    model = onnx.load(str(model_path), load_external_data=False)
+    model, consumers = graph_with_readers(model_path)
     graph = model.graph
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
     by_slot = {s.a: s for s in slots} | {s.b: s for s in slots}
     fused_at, dropped = {}, set()
     for slot in slots:
