@@ -81,16 +81,7 @@ struct Kernel {
   const ort::Api* api;
   bool cuda;
   bool swiglu;
-  void* barrier;  // CUDA: the single-launch decode kernel's grid barrier (lora_resident_cuda.cu)
 };
-
-void destroy_kernel(void* opaque) {
-  auto* kernel = static_cast<Kernel*>(opaque);
-#ifdef OLIVE_LAB_CUDA
-  lora_resident_cuda_free(kernel->barrier);
-#endif
-  delete kernel;
-}
 
 constexpr const char* kInputs[] = {"y", "x", "A", "B", "mask"};
 
@@ -163,8 +154,7 @@ ort::Status* compute(void* opaque, ort::KernelContext* context) {
   if (ort::Status* s = entry<ort::Status* (*)(const ort::KernelContext*, void**)>(
           api, ort::KernelContext_GetGPUComputeStream)(context, &stream))
     return s;
-  if (lora_resident_cuda(stream, shape, data[0], data[1], data[2], data[3], data[4], partial, out,
-                         kernel->barrier) != 0)
+  if (lora_resident_cuda(stream, shape, data[0], data[1], data[2], data[3], data[4], partial, out) != 0)
     return ort::error(api, op + ": CUDA kernel launch failed");
   return nullptr;
 #else
@@ -174,13 +164,10 @@ ort::Status* compute(void* opaque, ort::KernelContext* context) {
 
 template <bool kCuda, bool kSwiGlu>
 ort::Status* create_kernel(const ort::CustomOp*, const ort::Api* api, const ort::KernelInfo*, void** kernel) {
-  void* barrier = nullptr;
 #ifdef OLIVE_LAB_CUDA
   if (kCuda && lora_resident_cuda_warm_up() != 0) return ort::error(api, "LoraResident: cannot load the CUDA kernels");
-  if (kCuda && (barrier = lora_resident_cuda_barrier()) == nullptr)
-    return ort::error(api, "LoraResident: cannot allocate its 8 bytes of device memory");
 #endif
-  *kernel = new Kernel{api, kCuda, kSwiGlu, barrier};
+  *kernel = new Kernel{api, kCuda, kSwiGlu};
   return nullptr;
 }
 
@@ -196,7 +183,7 @@ ort::CustomOp make_op() {
   op.GetInputTypeCount = [](const ort::CustomOp*) -> size_t { return 5; };
   op.GetOutputType = [](const ort::CustomOp*, size_t i) { return i == 0 ? kType : ort::kFloat; };
   op.GetOutputTypeCount = [](const ort::CustomOp*) -> size_t { return 2; };
-  op.KernelDestroy = destroy_kernel;
+  op.KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
   op.GetInputCharacteristic = [](const ort::CustomOp*, size_t) { return ort::kRequired; };
   op.GetOutputCharacteristic = [](const ort::CustomOp*, size_t) { return ort::kRequired; };
   op.GetInputMemoryType = [](const ort::CustomOp*, size_t) { return ort::kDefaultMemory; };

@@ -16,12 +16,8 @@ struct LoraResidentShape {
   bool swiglu;
 };
 
-// Enqueue the op on `stream` (a cudaStream_t); 0 on success. `barrier`: the op kernel's own, from
-// lora_resident_cuda_barrier (null: always two launches).
+// Enqueue the op on `stream` (a cudaStream_t); 0 on success.
 int lora_resident_cuda(void* stream, const LoraResidentShape& shape, const void* y, const void* x, const void* A,
-                       const void* B, const void* mask, void* partial, void* out, void* barrier);
-// Device memory for one op kernel's grid-wide barrier (two zeroed counters), or null; freed by lora_resident_cuda_free.
-void* lora_resident_cuda_barrier();
-void lora_resident_cuda_free(void* barrier);
+                       const void* B, const void* mask, void* partial, void* out);
 // Load the kernels (0 on success); called when a session creates the op's kernel, before any graph capture.
 int lora_resident_cuda_warm_up();
