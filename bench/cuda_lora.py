@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -367,22 +368,43 @@ def adapter_cost(medians: dict) -> dict:
 
 def kernel_check(out: Path) -> None:
     """olive_lab.LoraResident on CUDA against numpy at the slot shapes of both sizes (decode and a 71-token prefill):
-    one line per shape, and SystemExit if an error exceeds float16 rounding of the sums or the ONNX nodes' error."""
+    one line per shape, and SystemExit if an error exceeds float16 rounding of the sums or the ONNX nodes' error, if a
+    second run gives other bits, or if a decoding step's single launch (lora_one) gives other bits than two launches
+    (OLIVE_LAB_LORA_TWO_LAUNCHES=1, which the library reads when a session creates the op)."""
+    import numpy as np
     import torch  # noqa: F401  (first: onnxruntime-gpu finds the CUDA libraries torch brings)
 
-    from olive_lab.kernels import op_error, op_session
+    from olive_lab.kernels import op_error, op_inputs, op_session
 
-    sessions = {False: op_session(KERNELS, "CUDAExecutionProvider"),
+    def sessions():
+        return {False: op_session(KERNELS, "CUDAExecutionProvider"),
                 True: op_session(KERNELS, "CUDAExecutionProvider", swiglu=True)}  # fmt: skip
+
     shapes = {"135m qkv": (576, 960, 96, (48, 96)), "135m down": (1536, 576, 32, (0, 16)),
               "3.8b qkv": (3072, 9216, 32, (16, 32)), "3.8b down": (8192, 3072, 32, (0, 16)),
               "3.8b gate_up": (3072, 16384, 32, (16, 32)), "3.8b gate_up swiglu": (3072, 16384, 32, (16, 32))}  # fmt: skip
+
+    def decode_outputs(by_swiglu) -> dict:  # each shape's decoding-step output with its adapter
+        return {name: by_swiglu[name.endswith("swiglu")].run(["out"], op_inputs(np.float16, 1, *shape, seed=1))[0]
+                for name, shape in shapes.items()}  # fmt: skip
+
+    one_launch = sessions()
     result = {}
     for name, (k, n, r, active) in shapes.items():
         for rows in (1, 71):
-            check = op_error(sessions[name.endswith("swiglu")], rows, k, n, r, active)
+            check = op_error(one_launch[name.endswith("swiglu")], rows, k, n, r, active)
             result[f"{name} rows={rows}"] = check
             print(name, rows, check, flush=True)
+    single = decode_outputs(one_launch)
+    os.environ["OLIVE_LAB_LORA_TWO_LAUNCHES"] = "1"
+    try:
+        two = decode_outputs(sessions())
+    finally:
+        del os.environ["OLIVE_LAB_LORA_TWO_LAUNCHES"]
+        sessions()  # the setting is the library's, read at each session's creation: back to the default
+    for name in shapes:
+        result[f"{name} rows=1"]["one_launch_equals_two"] = bool((single[name] == two[name]).all())
+        print(name, "one launch gives the bits of two:", result[f"{name} rows=1"]["one_launch_equals_two"])
     out.write_text(json.dumps(result, indent=2))
     # float16 output of a float32 sum: at most half an ulp, 2^-11 of the largest value; allow one ulp, and never more
     # than the ONNX nodes' own error (they round twice on the way)
@@ -392,9 +414,11 @@ def kernel_check(out: Path) -> None:
         if v["max_abs_error"] > 2**-10 * v["max_abs"]
         or v["max_abs_error"] > v["onnx_nodes_max_abs_error"]
         or not v.get("no_adapter_returns_y", v.get("no_adapter_is_swiglu_of_y"))
+        or not v["same_output_twice"]
+        or not v.get("one_launch_equals_two", True)
     ]
     if bad:
-        raise SystemExit(f"kernel-check: LoraResident disagrees with numpy at {', '.join(bad)}")
+        raise SystemExit(f"kernel-check: LoraResident fails its check at {', '.join(bad)} (see {out})")
 
 
 def layouts_by_process(size: str, work: Path, layouts: list[str], repeats: int, out: Path, block_size: int | None,

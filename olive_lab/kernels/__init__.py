@@ -1,6 +1,6 @@
 """olive_lab's ONNX Runtime custom-op library (libolive_lab_kernels.so), the ops of `optimize.lora_layout=fused`:
 - olive_lab.LoraResident (lora_resident.cc, lora_resident_cuda.cu): the resident multi-LoRA branch of a projection
-  (olive_lab.onnx.lora.fuse_resident) in two CUDA launches instead of ORT's five; its CPU kernel is the reference the
+  (olive_lab.onnx.lora.fuse_resident) in one CUDA launch per decoding step instead of ORT's five; its CPU kernel is the reference the
   tests run; olive_lab.LoraResidentSwiGlu, the same for a packed gate/up projection, also applies the MLP's
   activation (olive_lab.onnx.lora.fuse_swiglu);
 - olive_lab.LoraBranch (lora_branch.cc): the LoRA branch of a CPU model (olive_lab.onnx.lora.fuse_branches), whose
@@ -122,17 +122,11 @@ def swiglu(z):
     return gate / (1 + np.exp(-gate)) * up
 
 
-def op_error(session, rows: int, k: int, n: int, r: int, active: tuple[int, int], seed: int = 0) -> dict:
-    """The op against numpy in float32 on random inputs of the session's type (op_session's dtype), the mask's ones
-    on columns [active[0], active[1]): the largest absolute error, the same for the ONNX nodes it replaces (which
-    round x @ A, the mask product and the delta to float16 on the way, and for LoraResidentSwiGlu z, the Sigmoid and
-    both products; the op keeps them in float32), the reference's largest value, and whether an all-zero mask
-    returns y exactly (LoraResidentSwiGlu: swiglu(y) within float16 rounding, `no_adapter_is_swiglu_of_y`)."""
+def op_inputs(dtype, rows: int, k: int, n: int, r: int, active: tuple[int, int], seed: int = 0) -> dict:
+    """Random feeds of op_session's node: y [rows, n], x [rows, k], A [k, r], B [r, n], the mask's ones on columns
+    [active[0], active[1])."""
     import numpy as np
 
-    gated = session.get_outputs()[0].shape[-1] == "H"
-
-    dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
     rng = np.random.default_rng(seed)
     y = rng.standard_normal((rows, n)).astype(dtype)
     x = rng.standard_normal((rows, k)).astype(dtype)
@@ -140,7 +134,25 @@ def op_error(session, rows: int, k: int, n: int, r: int, active: tuple[int, int]
     b = rng.standard_normal((r, n)).astype(dtype)
     mask = np.zeros(r, dtype)
     mask[active[0] : active[1]] = 1
-    (out,) = session.run(["out"], {"y": y, "x": x, "A": a, "B": b, "mask": mask})
+    return {"y": y, "x": x, "A": a, "B": b, "mask": mask}
+
+
+def op_error(session, rows: int, k: int, n: int, r: int, active: tuple[int, int], seed: int = 0) -> dict:
+    """The op against numpy in float32 on random inputs of the session's type (op_session's dtype), the mask's ones
+    on columns [active[0], active[1]): the largest absolute error, the same for the ONNX nodes it replaces (which
+    round x @ A, the mask product and the delta to float16 on the way, and for LoraResidentSwiGlu z, the Sigmoid and
+    both products; the op keeps them in float32), the reference's largest value, and whether an all-zero mask
+    returns y exactly (LoraResidentSwiGlu: swiglu(y) within float16 rounding, `no_adapter_is_swiglu_of_y`), and
+    whether a second run gives the same bits (`same_output_twice`: no sum whose order varies)."""
+    import numpy as np
+
+    gated = session.get_outputs()[0].shape[-1] == "H"
+
+    dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
+    feeds = op_inputs(dtype, rows, k, n, r, active, seed)
+    y, x, a, b, mask = (feeds[name] for name in ("y", "x", "A", "B", "mask"))
+    (out,) = session.run(["out"], feeds)
+    (again,) = session.run(["out"], feeds)
     ref = y.astype(np.float32) + ((x.astype(np.float32) @ a.astype(np.float32)) * mask) @ b.astype(np.float32)
     (idle,) = session.run(["out"], {"y": y, "x": x, "A": a, "B": b, "mask": np.zeros(r, dtype)})
     f16 = dtype  # the ONNX nodes round to the graph's type
@@ -158,6 +170,7 @@ def op_error(session, rows: int, k: int, n: int, r: int, active: tuple[int, int]
         "max_abs_error": float(np.abs(out.astype(np.float32) - ref).max()),
         "onnx_nodes_max_abs_error": float(np.abs(nodes - ref).max()),
         "max_abs": float(np.abs(ref).max()),
+        "same_output_twice": bool((again == out).all()),
         **idle_check,
     }
 

@@ -13,7 +13,7 @@
 // Why: on CUDA, ORT runs the four ONNX nodes of that branch as five kernels per slot (a cuBLAS split-K product and
 // its reduce, the mask, the second product, the add), and at the sizes this project targets the launches, not the
 // arithmetic, set the decode speed (README, "Adapters on the GPU"). The CUDA kernels (lora_resident_cuda.cu) do it
-// in two launches and skip the adapter products when the mask is all zero. The CPU kernel is the reference the
+// in one launch per decoding step (two for prefill) and skip the adapter products when the mask is all zero. The CPU kernel is the reference the
 // tests run in real ORT sessions on any host (CPU models use olive_lab.LoraBranch, lora_branch.cc).
 #include <stddef.h>
 #include <stdint.h>
@@ -81,6 +81,7 @@ struct Kernel {
   const ort::Api* api;
   bool cuda;
   bool swiglu;
+  void* barrier;  // CUDA: this node's grid-barrier counter for single-launch decoding steps (lora_resident_cuda.cu)
 };
 
 constexpr const char* kInputs[] = {"y", "x", "A", "B", "mask"};
@@ -154,7 +155,8 @@ ort::Status* compute(void* opaque, ort::KernelContext* context) {
   if (ort::Status* s = entry<ort::Status* (*)(const ort::KernelContext*, void**)>(
           api, ort::KernelContext_GetGPUComputeStream)(context, &stream))
     return s;
-  if (lora_resident_cuda(stream, shape, data[0], data[1], data[2], data[3], data[4], partial, out) != 0)
+  if (lora_resident_cuda(stream, shape, data[0], data[1], data[2], data[3], data[4], partial, out, kernel->barrier) !=
+      0)
     return ort::error(api, op + ": CUDA kernel launch failed");
   return nullptr;
 #else
@@ -164,10 +166,13 @@ ort::Status* compute(void* opaque, ort::KernelContext* context) {
 
 template <bool kCuda, bool kSwiGlu>
 ort::Status* create_kernel(const ort::CustomOp*, const ort::Api* api, const ort::KernelInfo*, void** kernel) {
+  void* barrier = nullptr;
 #ifdef OLIVE_LAB_CUDA
   if (kCuda && lora_resident_cuda_warm_up() != 0) return ort::error(api, "LoraResident: cannot load the CUDA kernels");
+  if (kCuda && (barrier = lora_resident_cuda_barrier()) == nullptr)
+    return ort::error(api, "LoraResident: cannot allocate its 8-byte barrier counter on the GPU");
 #endif
-  *kernel = new Kernel{api, kCuda, kSwiGlu};
+  *kernel = new Kernel{api, kCuda, kSwiGlu, barrier};
   return nullptr;
 }
 
@@ -183,7 +188,13 @@ ort::CustomOp make_op() {
   op.GetInputTypeCount = [](const ort::CustomOp*) -> size_t { return 5; };
   op.GetOutputType = [](const ort::CustomOp*, size_t i) { return i == 0 ? kType : ort::kFloat; };
   op.GetOutputTypeCount = [](const ort::CustomOp*) -> size_t { return 2; };
-  op.KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
+  op.KernelDestroy = [](void* opaque) {
+    auto* kernel = static_cast<Kernel*>(opaque);
+#ifdef OLIVE_LAB_CUDA
+    lora_resident_cuda_free(kernel->barrier);
+#endif
+    delete kernel;
+  };
   op.GetInputCharacteristic = [](const ort::CustomOp*, size_t) { return ort::kRequired; };
   op.GetOutputCharacteristic = [](const ort::CustomOp*, size_t) { return ort::kRequired; };
   op.GetInputMemoryType = [](const ort::CustomOp*, size_t) { return ort::kDefaultMemory; };

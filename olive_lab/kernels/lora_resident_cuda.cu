@@ -1,25 +1,37 @@
 // CUDA kernels of the fused resident-LoRA op (see lora_resident.cc for the op's contract and why it exists).
 //
-// out[m, :] = y[m, :] + ((x[m, :] @ A) * mask) @ B, in two launches per slot instead of ORT's five (cuBLAS split-K
-// A product + its reduce, the mask Mul, the B product, the Add):
-//   lora_down: grid (P, M). Block p reads rows [p * kRowsPerBlock, ...) of A, but only the columns the mask keeps
-//              (the active adapter's block), and writes its partial sums of x @ A to partial[m, p, :].
-//   lora_up:   grid (ceil(N / kThreads), M). Sums the P partials, then adds t @ B to y.
-// With an all-zero mask (no adapter) lora_down returns at once and lora_up only copies y: the idle cost is two
-// near-empty launches, which is what the branches layout pays too. The mask is read on the device, so a captured
-// CUDA graph stays valid when the adapter changes (switching is a new mask, copied in by ORT GenAI).
-// LoraResidentSwiGlu is the same pair whose lora_up also applies the packed gate/up projection's activation,
+// out[m, :] = y[m, :] + ((x @ A) * mask) @ B, in two steps:
+//   down: block p reads rows [p * kRowsPerBlock, ...) of A, but only the columns the mask keeps (the active
+//         adapter's block), and writes its partial sums of x @ A to partial[m, p, :];
+//   up:   each block sums the P partials in a fixed order (the same bits every run), then adds t @ B to its columns
+//         of y.
+// A decoding step (one row) runs both in one launch, `lora_one`: its blocks do the down step, meet at a grid barrier
+// (a counter in device memory that the op's kernel owns), then do the up step. With an all-zero mask (no adapter)
+// each block only copies (or activates) its columns of y, so an idle slot costs one near-empty launch. lora_one's
+// grid is at most what the GPU holds at once (checked at warm-up), so every block is resident and the barrier
+// cannot wait forever. Prefill (several rows) runs the steps as two launches, `lora_down` and `lora_up`, and so does
+// decoding with OLIVE_LAB_LORA_TWO_LAUNCHES=1 (for A/B runs). The mask is read on the device, so a captured CUDA
+// graph stays valid when the adapter changes (switching is a new mask, copied in by ORT GenAI).
+// LoraResidentSwiGlu is the same op whose up step also applies the packed gate/up projection's activation,
 // silu(gate) * up, writing N / 2 columns: three fewer kernels per layer (ORT's Split, QuickGelu and Mul).
+#include <cuda/atomic>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <algorithm>
 
 #include "lora_resident.h"
 
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kColumns = 32;  // columns of A one pass of lora_down handles (an adapter's rank, padded)
+constexpr int kWarps = kThreads / 32;
+constexpr int kColumns = 32;  // columns of A one pass handles (an adapter's rank, padded)
+// lora_one's blocks may hold up to this much dynamic shared memory (the sums t, R floats) in the occupancy check
+constexpr int kMaxSharedBytes = 48 * 1024;
 
 __device__ __forceinline__ float silu(float v) { return v / (1.f + __expf(-v)); }
 
@@ -42,19 +54,15 @@ __device__ void active_span(const __half* mask, int R, int* first, int* last) {
   *last = s_last;
 }
 
-// Lanes run along the columns (a row of A is contiguous, so a warp reads it coalesced), warps along the rows. A
-// block covers few rows (kRowsPerBlock) so that each thread has only a handful of independent loads, all in flight
-// at once: at these sizes the kernel's time is memory latency, not bandwidth. The warps' sums meet in shared memory.
-__global__ void lora_down(const __half* __restrict__ x, const __half* __restrict__ A, const __half* __restrict__ mask,
-                          float* __restrict__ partial, int K, int R, int P) {
-  int first, last;
-  active_span(mask, R, &first, &last);
-  if (last < 0) return;  // no adapter: lora_up skips the partials too
-  const int p = blockIdx.x, m = blockIdx.y;
-  constexpr int kWarps = kThreads / 32, kRowsPerWarp = kRowsPerBlock / kWarps;
+// The down step of rows block p of one row x (partial: that row's [P, R]). Lanes run along the columns (a row of A is
+// contiguous, so a warp reads it coalesced), warps along the rows. A block covers few rows (kRowsPerBlock) so that
+// each thread has only a handful of independent loads, all in flight at once: at these sizes the kernel's time is
+// memory latency, not bandwidth. The warps' sums meet in shared memory, in a fixed order.
+__device__ void down_step(const __half* __restrict__ x, const __half* __restrict__ A, const __half* __restrict__ mask,
+                          float* __restrict__ partial, int K, int R, int p, int first, int last) {
+  constexpr int kRowsPerWarp = kRowsPerBlock / kWarps;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int k_begin = p * kRowsPerBlock + warp * kRowsPerWarp;
-  const __half* xm = x + static_cast<int64_t>(m) * K;
   __shared__ float s_sum[kWarps][kColumns];
   for (int j0 = first; j0 <= last; j0 += kColumns) {
     const int j = j0 + lane;
@@ -63,7 +71,7 @@ __global__ void lora_down(const __half* __restrict__ x, const __half* __restrict
 #pragma unroll
       for (int i = 0; i < kRowsPerWarp; ++i) {
         const int k = k_begin + i;
-        if (k < K) acc += __half2float(xm[k]) * __half2float(A[static_cast<int64_t>(k) * R + j]);
+        if (k < K) acc += __half2float(x[k]) * __half2float(A[static_cast<int64_t>(k) * R + j]);
       }
     }
     s_sum[warp][lane] = acc;
@@ -72,61 +80,157 @@ __global__ void lora_down(const __half* __restrict__ x, const __half* __restrict
       float v = 0.f;
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) v += s_sum[w][lane];
-      partial[(static_cast<int64_t>(m) * P + p) * R + j] = v * __half2float(mask[j]);
+      partial[static_cast<int64_t>(p) * R + j] = v * __half2float(mask[j]);
     }
     __syncthreads();
   }
 }
 
-// Each block first sums the P partials of the active columns (all threads at once, into shared memory), then each
-// thread adds t @ B for one output column (a row of B is contiguous: coalesced across the threads). kSwiGlu: thread
-// n does columns n (gate) and n + N / 2 (up) and writes silu(gate) * up to out[m, n], out being [M, N / 2].
+// t[j] = the sum over the P partials of column first + j, for j < width, into shared memory: warps take every
+// kWarps-th partial, then one thread per column adds the warps' sums, always in the same order. __ldcg reads L2:
+// in lora_one another block wrote the partials during this launch.
+__device__ void sum_partials(const float* __restrict__ partial, int R, int P, int first, int width, float* s_t) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __shared__ float s_sum[kWarps][kColumns];
+  for (int j0 = 0; j0 < width; j0 += kColumns) {
+    const int j = j0 + lane;
+    float v = 0.f;
+    if (j < width)
+      for (int p = warp; p < P; p += kWarps) v += __ldcg(partial + static_cast<int64_t>(p) * R + first + j);
+    s_sum[warp][lane] = v;
+    __syncthreads();
+    if (warp == 0 && j < width) {
+      float t = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) t += s_sum[w][lane];
+      s_t[j] = t;
+    }
+    __syncthreads();
+  }
+}
+
+// The up step of output column n of one row (y, out: that row): a row of B is contiguous, so consecutive threads'
+// loads coalesce. kSwiGlu: columns n (gate) and n + N / 2 (up) give silu(gate) * up at out[n], out being N / 2 wide.
+// width 0 (no adapter) copies or activates y.
 template <bool kSwiGlu>
-__global__ void lora_up(const __half* __restrict__ y, const __half* __restrict__ B, const __half* __restrict__ mask,
-                        const float* __restrict__ partial, __half* __restrict__ out, int N, int R, int P) {
-  int first, last;
-  active_span(mask, R, &first, &last);
-  const int m = blockIdx.y, n = blockIdx.x * blockDim.x + threadIdx.x;
-  const int64_t at = static_cast<int64_t>(m) * N + n;
-  extern __shared__ float s_t[];  // t[first .. last]
-  const int width = last + 1 - first;
-  for (int j = threadIdx.x; j < width; j += blockDim.x) s_t[j] = 0.f;
-  __syncthreads();
-  const float* pm = partial + static_cast<int64_t>(m) * P * R + first;
-  // Float atomics add the partials in whatever order the warps come, so with an adapter the last bits of a run (and,
-  // on random weights' flat logits, greedy tokens) can differ between runs. A fixed-order sum is on branch
-  // wip/lora-one, not yet run on a GPU.
-  for (int i = threadIdx.x; i < P * width; i += blockDim.x) atomicAdd(&s_t[i % width], pm[(i / width) * R + i % width]);
-  __syncthreads();
+__device__ void up_step(const __half* __restrict__ y, const __half* __restrict__ B, const float* s_t,
+                        __half* __restrict__ out, int N, int first, int width, int n) {
   const __half* column = B + static_cast<int64_t>(first) * N + n;
   if (kSwiGlu) {
     const int H = N / 2;
     if (n >= H) return;
-    float gate = __half2float(y[at]), up = __half2float(y[at + H]);
+    float gate = __half2float(y[n]), up = __half2float(y[n + H]);
 #pragma unroll 16
     for (int j = 0; j < width; ++j) {
       gate += s_t[j] * __half2float(column[static_cast<int64_t>(j) * N]);
       up += s_t[j] * __half2float(column[static_cast<int64_t>(j) * N + H]);
     }
-    out[static_cast<int64_t>(m) * H + n] = __float2half(silu(gate) * up);
+    out[n] = __float2half(silu(gate) * up);
     return;
   }
   if (n >= N) return;
-  float v = __half2float(y[at]);
+  if (width == 0) {
+    out[n] = y[n];  // bit for bit
+    return;
+  }
+  float v = __half2float(y[n]);
 #pragma unroll 16
   for (int j = 0; j < width; ++j) v += s_t[j] * __half2float(column[static_cast<int64_t>(j) * N]);
-  out[at] = __float2half(v);
+  out[n] = __float2half(v);
+}
+
+// Prefill, first launch: grid (P, M).
+__global__ void lora_down(const __half* __restrict__ x, const __half* __restrict__ A, const __half* __restrict__ mask,
+                          float* __restrict__ partial, int K, int R, int P) {
+  int first, last;
+  active_span(mask, R, &first, &last);
+  if (last < 0) return;  // no adapter: lora_up skips the partials too
+  const int m = blockIdx.y;
+  down_step(x + static_cast<int64_t>(m) * K, A, mask, partial + static_cast<int64_t>(m) * P * R, K, R, blockIdx.x,
+            first, last);
+}
+
+// Prefill, second launch: grid (column blocks, M).
+template <bool kSwiGlu>
+__global__ void lora_up(const __half* __restrict__ y, const __half* __restrict__ B, const __half* __restrict__ mask,
+                        const float* __restrict__ partial, __half* __restrict__ out, int N, int R, int P) {
+  int first, last;
+  active_span(mask, R, &first, &last);
+  const int m = blockIdx.y, width = last + 1 - first;
+  extern __shared__ float s_t[];  // t[first .. last]
+  sum_partials(partial + static_cast<int64_t>(m) * P * R, R, P, first, width, s_t);
+  up_step<kSwiGlu>(y + static_cast<int64_t>(m) * N, B, s_t, out + static_cast<int64_t>(m) * (kSwiGlu ? N / 2 : N), N,
+                   first, width, blockIdx.x * blockDim.x + threadIdx.x);
+}
+
+// Every block of the launch waits here until all have arrived (the pattern of cooperative groups' grid sync, whose
+// cooperative launch ORT's custom-op API does not give us). The counter only grows: a launch's blocks add `blocks` to
+// it in all, so each waits for the next multiple of `blocks`. That needs a node's launches never to overlap: ORT's
+// CUDA provider runs a session on one stream, so the next launch starts after this one has finished, and an idle
+// launch never touches the counter. The fences make the block's partial sums visible to the GPU before it arrives.
+__device__ void grid_barrier(unsigned long long* counter, unsigned int blocks) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    cuda::atomic_ref<unsigned long long, cuda::thread_scope_device> arrivals(*counter);
+    const unsigned long long target = (arrivals.fetch_add(1, cuda::memory_order_acq_rel) / blocks + 1) * blocks;
+    while (arrivals.load(cuda::memory_order_acquire) < target) __nanosleep(32);
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+// A decoding step (one row) in one launch: grid lora_one_blocks(...). Blocks take the down step's row blocks and the
+// up step's column blocks in turn (grid-stride), so a grid smaller than either still covers both.
+template <bool kSwiGlu>
+__global__ void lora_one(const __half* __restrict__ y, const __half* __restrict__ x, const __half* __restrict__ A,
+                         const __half* __restrict__ B, const __half* __restrict__ mask, float* __restrict__ partial,
+                         __half* __restrict__ out, int K, int N, int R, int P, unsigned long long* barrier) {
+  int first, last;
+  active_span(mask, R, &first, &last);
+  const int columns = kSwiGlu ? N / 2 : N;
+  const int column_blocks = (columns + kThreads - 1) / kThreads;
+  if (last < 0) {  // no adapter: the whole grid agrees, so none waits at the barrier
+    for (int b = blockIdx.x; b < column_blocks; b += gridDim.x)
+      up_step<kSwiGlu>(y, B, nullptr, out, N, 0, 0, b * kThreads + threadIdx.x);
+    return;
+  }
+  for (int p = blockIdx.x; p < P; p += gridDim.x) down_step(x, A, mask, partial, K, R, p, first, last);
+  grid_barrier(barrier, gridDim.x);
+  if (static_cast<int>(blockIdx.x) >= column_blocks) return;
+  const int width = last + 1 - first;
+  extern __shared__ float s_t[];  // t[first .. last]
+  sum_partials(partial, R, P, first, width, s_t);
+  for (int b = blockIdx.x; b < column_blocks; b += gridDim.x)
+    up_step<kSwiGlu>(y, B, s_t, out, N, first, width, b * kThreads + threadIdx.x);
+}
+
+// Set at warm-up: blocks the GPU holds at once per lora_one kernel (0: it cannot launch), and the A/B setting.
+int g_resident_blocks[2] = {0, 0};
+bool g_two_launches = false;
+
+int lora_one_blocks(const LoraResidentShape& shape) {
+  const int columns = shape.swiglu ? shape.N / 2 : shape.N;
+  return std::max(lora_partial_blocks(shape.K), (columns + kThreads - 1) / kThreads);
 }
 
 template <bool kSwiGlu>
 int enqueue(cudaStream_t s, const LoraResidentShape& shape, const void* y, const void* x, const void* A,
-            const void* B, const void* mask, void* partial, void* out) {
+            const void* B, const void* mask, void* partial, void* out, void* barrier) {
   const int P = lora_partial_blocks(shape.K);
   const auto* mask16 = static_cast<const __half*>(mask);
+  const size_t shared = shape.R * sizeof(float);
+  if (lora_resident_cuda_one_launch(shape) && barrier != nullptr) {
+    lora_one<kSwiGlu><<<lora_one_blocks(shape), kThreads, shared, s>>>(
+        static_cast<const __half*>(y), static_cast<const __half*>(x), static_cast<const __half*>(A),
+        static_cast<const __half*>(B), mask16, static_cast<float*>(partial), static_cast<__half*>(out), shape.K,
+        shape.N, shape.R, P, static_cast<unsigned long long*>(barrier));
+    return cudaGetLastError() == cudaSuccess ? 0 : 1;
+  }
   lora_down<<<dim3(P, shape.M), kThreads, 0, s>>>(static_cast<const __half*>(x), static_cast<const __half*>(A), mask16,
                                                   static_cast<float*>(partial), shape.K, shape.R, P);
   const int columns = kSwiGlu ? shape.N / 2 : shape.N;
-  lora_up<kSwiGlu><<<dim3((columns + kThreads - 1) / kThreads, shape.M), kThreads, shape.R * sizeof(float), s>>>(
+  lora_up<kSwiGlu><<<dim3((columns + kThreads - 1) / kThreads, shape.M), kThreads, shared, s>>>(
       static_cast<const __half*>(y), static_cast<const __half*>(B), mask16, static_cast<const float*>(partial),
       static_cast<__half*>(out), shape.N, shape.R, P);
   return cudaGetLastError() == cudaSuccess ? 0 : 1;
@@ -134,18 +238,50 @@ int enqueue(cudaStream_t s, const LoraResidentShape& shape, const void* y, const
 
 }  // namespace
 
+bool lora_resident_cuda_one_launch(const LoraResidentShape& shape) {
+  return shape.M == 1 && !g_two_launches && shape.R * sizeof(float) <= kMaxSharedBytes &&
+         lora_one_blocks(shape) <= g_resident_blocks[shape.swiglu];
+}
+
+void* lora_resident_cuda_barrier() {
+  void* counter = nullptr;
+  if (cudaMalloc(&counter, sizeof(unsigned long long)) != cudaSuccess) return nullptr;
+  if (cudaMemset(counter, 0, sizeof(unsigned long long)) != cudaSuccess) {
+    cudaFree(counter);
+    return nullptr;
+  }
+  return counter;
+}
+
+void lora_resident_cuda_free(void* barrier) {
+  if (barrier != nullptr) cudaFree(barrier);
+}
+
 int lora_resident_cuda_warm_up() {
   // Load the kernels now, at session creation: a lazy load inside ORT's CUDA graph capture would break it.
   cudaFuncAttributes attributes;
   if (cudaFuncGetAttributes(&attributes, lora_down) != cudaSuccess) return 1;
   if (cudaFuncGetAttributes(&attributes, lora_up<false>) != cudaSuccess) return 1;
   if (cudaFuncGetAttributes(&attributes, lora_up<true>) != cudaSuccess) return 1;
+  // lora_one's grid barrier needs every block resident at once: count what the GPU holds (with the most shared
+  // memory a block may ask for), and launch lora_one only for grids within it
+  int device = 0, sms = 0, per_sm[2] = {0, 0};
+  if (cudaGetDevice(&device) != cudaSuccess) return 1;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 1;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm[0], lora_one<false>, kThreads, kMaxSharedBytes) !=
+          cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm[1], lora_one<true>, kThreads, kMaxSharedBytes) !=
+          cudaSuccess)
+    return 1;
+  for (int i = 0; i < 2; ++i) g_resident_blocks[i] = per_sm[i] * sms;
+  const char* two = getenv("OLIVE_LAB_LORA_TWO_LAUNCHES");
+  g_two_launches = two != nullptr && strcmp(two, "1") == 0;
   return 0;
 }
 
 int lora_resident_cuda(void* stream, const LoraResidentShape& shape, const void* y, const void* x, const void* A,
-                       const void* B, const void* mask, void* partial, void* out) {
+                       const void* B, const void* mask, void* partial, void* out, void* barrier) {
   auto s = static_cast<cudaStream_t>(stream);
-  return shape.swiglu ? enqueue<true>(s, shape, y, x, A, B, mask, partial, out)
-                      : enqueue<false>(s, shape, y, x, A, B, mask, partial, out);
+  return shape.swiglu ? enqueue<true>(s, shape, y, x, A, B, mask, partial, out, barrier)
+                      : enqueue<false>(s, shape, y, x, A, B, mask, partial, out, barrier);
 }
