@@ -329,19 +329,15 @@ def graph_with_readers(model_path: Path):
 
 def fuse_resident(model_path: Path) -> int:
     """Layout "fused": each slot's resident branch (MatMul A, Mul mask, MatMul B, Add) of a make_resident model as
-    one olive_lab.LoraResident node, whose CUDA kernel (olive_lab/kernels) does it in two launches instead of ORT's
-    five, and skips the adapter products when the mask is all zeros. Rewrites `model_path` in place; returns the
-    number of slots fused. The model then needs the kernel library (genai_config's custom_ops_library)."""
+    one olive_lab.LoraResident node, whose CUDA kernel (olive_lab/kernels) does a decoding step in one launch
+    instead of ORT's five, and skips the adapter products when the mask is all zeros. Rewrites `model_path` in place;
+    returns the number of slots fused. The model then needs the kernel library (genai_config's custom_ops_library)."""
     import onnx
     from onnx import helper
 
-    model = onnx.load(str(model_path), load_external_data=False)
+    model, consumers = graph_with_readers(model_path)
     graph = model.graph
     producer = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
     graph_outputs = {o.name for o in graph.output}
 
     def only(nodes: list, what: str, mask: str):
@@ -433,7 +429,7 @@ def fuse_swiglu(model_path: Path) -> int:
         product = only_reader(act.output[0], "Mul")
         if product is None or only_reader(up, "Mul") is not product or set(product.input) != {act.output[0], up}:
             continue
-        if {gate, up} & graph_outputs:
+        if gate in graph_outputs:  # (only_reader has ruled `up` out there)
             continue
         rewritten[node.name] = helper.make_node(
             SWIGLU_OP, list(node.input), [product.output[0], node.output[1]], name=f"{node.name}SwiGlu",
