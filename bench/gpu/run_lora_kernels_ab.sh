@@ -6,7 +6,7 @@
 #     bash bench/gpu/run_lora_kernels_ab.sh screen SIZE VARIANT...     # one process per variant, the LAYOUTS given
 #     bash bench/gpu/run_lora_kernels_ab.sh ab SIZE NAME=VALUE         # env-ab: the library's default against it
 #     SIZE: default | phi35; VARIANT: `default` or settings joined by '+', e.g.
-#     OLIVE_LAB_LORA_TWO_LAUNCHES=1 (branch wip/lora-one: its decode steps in two launches, as main's are). A
+#     OLIVE_LAB_LORA_TWO_LAUNCHES=1 (decoding steps in two launches instead of lora_one's one). A
 #     library that reads no setting runs one `default` variant. Settings exported before `ab` hold in both arms.
 #     LAYOUTS (environment, default fused) are the layouts `screen` measures in each variant's process, e.g.
 #     LAYOUTS=fused,fused_split_mlp,plain (bench.cuda_lora's names).

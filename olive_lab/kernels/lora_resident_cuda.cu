@@ -31,7 +31,7 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kColumns = 32;  // columns of A one pass handles (an adapter's rank, padded)
 // lora_one's blocks may hold up to this much dynamic shared memory (the sums t, R floats) in the occupancy check
-constexpr int kMaxSharedBytes = 48 * 1024;
+constexpr int kMaxSharedBytes = 32 * 1024;
 
 __device__ __forceinline__ float silu(float v) { return v / (1.f + __expf(-v)); }
 
@@ -164,17 +164,23 @@ __global__ void lora_up(const __half* __restrict__ y, const __half* __restrict__
 }
 
 // Every block of the launch waits here until all have arrived (the pattern of cooperative groups' grid sync, whose
-// cooperative launch ORT's custom-op API does not give us). The counter only grows: a launch's blocks add `blocks` to
-// it in all, so each waits for the next multiple of `blocks`. That needs a node's launches never to overlap: ORT's
-// CUDA provider runs a session on one stream, so the next launch starts after this one has finished, and an idle
-// launch never touches the counter. The fences make the block's partial sums visible to the GPU before it arrives.
-__device__ void grid_barrier(unsigned long long* counter, unsigned int blocks) {
+// cooperative launch ORT's custom-op API does not give us). barrier[0] counts the arrivals, barrier[1] is the
+// generation: the last block to arrive resets the count and moves the generation on, which releases the others. So
+// a launch may have any grid size, whatever the node's launches before it had. It needs a node's launches never to
+// overlap: ORT's CUDA provider runs a session on one stream, so the next launch starts after this one has finished.
+// The fences make the block's partial sums visible to the GPU before it arrives.
+__device__ void grid_barrier(unsigned int* barrier, unsigned int blocks) {
   __syncthreads();
   if (threadIdx.x == 0) {
+    cuda::atomic_ref<unsigned int, cuda::thread_scope_device> count(barrier[0]), generation(barrier[1]);
     __threadfence();
-    cuda::atomic_ref<unsigned long long, cuda::thread_scope_device> arrivals(*counter);
-    const unsigned long long target = (arrivals.fetch_add(1, cuda::memory_order_acq_rel) / blocks + 1) * blocks;
-    while (arrivals.load(cuda::memory_order_acquire) < target) __nanosleep(32);
+    const unsigned int seen = generation.load(cuda::memory_order_acquire);  // before arriving: it cannot move yet
+    if (count.fetch_add(1, cuda::memory_order_acq_rel) == blocks - 1) {
+      count.store(0, cuda::memory_order_relaxed);
+      generation.fetch_add(1, cuda::memory_order_release);
+    } else {
+      while (generation.load(cuda::memory_order_acquire) == seen) __nanosleep(32);
+    }
     __threadfence();
   }
   __syncthreads();
@@ -185,7 +191,7 @@ __device__ void grid_barrier(unsigned long long* counter, unsigned int blocks) {
 template <bool kSwiGlu>
 __global__ void lora_one(const __half* __restrict__ y, const __half* __restrict__ x, const __half* __restrict__ A,
                          const __half* __restrict__ B, const __half* __restrict__ mask, float* __restrict__ partial,
-                         __half* __restrict__ out, int K, int N, int R, int P, unsigned long long* barrier) {
+                         __half* __restrict__ out, int K, int N, int R, int P, unsigned int* barrier) {
   int first, last;
   active_span(mask, R, &first, &last);
   const int columns = kSwiGlu ? N / 2 : N;
@@ -224,7 +230,7 @@ int enqueue(cudaStream_t s, const LoraResidentShape& shape, const void* y, const
     lora_one<kSwiGlu><<<lora_one_blocks(shape), kThreads, shared, s>>>(
         static_cast<const __half*>(y), static_cast<const __half*>(x), static_cast<const __half*>(A),
         static_cast<const __half*>(B), mask16, static_cast<float*>(partial), static_cast<__half*>(out), shape.K,
-        shape.N, shape.R, P, static_cast<unsigned long long*>(barrier));
+        shape.N, shape.R, P, static_cast<unsigned int*>(barrier));
     return cudaGetLastError() == cudaSuccess ? 0 : 1;
   }
   lora_down<<<dim3(P, shape.M), kThreads, 0, s>>>(static_cast<const __half*>(x), static_cast<const __half*>(A), mask16,
@@ -244,9 +250,9 @@ bool lora_resident_cuda_one_launch(const LoraResidentShape& shape) {
 }
 
 void* lora_resident_cuda_barrier() {
-  void* counter = nullptr;
-  if (cudaMalloc(&counter, sizeof(unsigned long long)) != cudaSuccess) return nullptr;
-  if (cudaMemset(counter, 0, sizeof(unsigned long long)) != cudaSuccess) {
+  void* counter = nullptr;  // [count, generation]
+  if (cudaMalloc(&counter, 2 * sizeof(unsigned int)) != cudaSuccess) return nullptr;
+  if (cudaMemset(counter, 0, 2 * sizeof(unsigned int)) != cudaSuccess) {
     cudaFree(counter);
     return nullptr;
   }
