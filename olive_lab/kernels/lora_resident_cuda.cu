@@ -6,7 +6,7 @@
 //   up:   each block sums the P partials in a fixed order (the same bits every run), then adds t @ B to its columns
 //         of y.
 // A decoding step (one row) runs both in one launch, `lora_one`: its blocks do the down step, meet at a grid barrier
-// (a counter in device memory that the op's kernel owns), then do the up step. With an all-zero mask (no adapter)
+// (a count and a generation in device memory that the op's kernel owns), then do the up step. With an all-zero mask (no adapter)
 // each block only copies (or activates) its columns of y, so an idle slot costs one near-empty launch. lora_one's
 // grid is at most what the GPU holds at once (checked at warm-up), so every block is resident and the barrier
 // cannot wait forever. Prefill (several rows) runs the steps as two launches, `lora_down` and `lora_up`, and so does
@@ -30,7 +30,9 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kColumns = 32;  // columns of A one pass handles (an adapter's rank, padded)
-// lora_one's blocks may hold up to this much dynamic shared memory (the sums t, R floats) in the occupancy check
+// The most dynamic shared memory (the sums t, R floats) a lora_one block may have, as the occupancy check assumes. A
+// block gets 48 KB without opting in, and the kernel's static shared memory comes on top: asking the check for all
+// 48 KB made it count 0 blocks, and lora_one never ran (seen on an H100).
 constexpr int kMaxSharedBytes = 32 * 1024;
 
 __device__ __forceinline__ float silu(float v) { return v / (1.f + __expf(-v)); }
