@@ -5,6 +5,11 @@ export PYTHONPATH="$SITE:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 # onnxruntime-gpu finds CUDA and cuDNN where torch's wheels put them (also in the processes the stages spawn)
 nvidia_libs=$(python3 -c "import glob, os, nvidia; print(':'.join(sorted({d for p in nvidia.__path__ for d in glob.glob(os.path.join(p, '*', 'lib'))})))" 2>/dev/null || true)
 export LD_LIBRARY_PATH="${nvidia_libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# optimize.lora_layout=fused attaches olive_lab/kernels' CUDA library: the one `make gpu-kernels` built, since the
+# GPU host need not have nvcc
+if [ -f .gpu/kernels/libolive_lab_kernels.so ]; then
+  export OLIVE_LAB_KERNELS=${OLIVE_LAB_KERNELS:-$PWD/.gpu/kernels/libolive_lab_kernels.so}
+fi
 
 install() {
   if [ ! -d .wheelhouse ]; then

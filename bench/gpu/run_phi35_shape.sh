@@ -2,7 +2,7 @@
 # The pipeline at Phi-3.5-mini's size (random weights, model=phi35_mini_shape) on an offline CUDA host, then
 # ORT GenAI against torch eager and the chat engine: writes bench/results/<date>-cuda-phi35-shape.json.
 #
-# Prepare on a machine with internet, from the repository root:  make wheelhouse gpu-tokenizer
+# Prepare on a machine with internet, from the repository root:  make wheelhouse gpu-tokenizer gpu-kernels
 # then copy the repository (with .wheelhouse/ and .gpu/) to the GPU host and, from its root:
 #     bash bench/gpu/run_phi35_shape.sh [install|stages STAGE...|measure|report|all]
 # Each step fits in 10 minutes on one H200, so a time-limited session can run them one by one; the state lives in
