@@ -12,6 +12,8 @@ two adapters, for every multi-LoRA layout, at the default model's size and at Ph
     python -m bench.cuda_lora build-ab --size default --builder-option is_symmetric=true  # that build against the
                                                                                           # config's, by process
     python -m bench.cuda_lora kernel-check                                 # the fused layout's op against numpy
+    python -m bench.cuda_lora goals --size phi35 --block-size 128 --lm-head fp32   # after build --layouts plain,fused
+                                                                          # and measure: the any-model issue's goals
     python -m bench.cuda_lora layouts --size phi35 --block-size 128 --lm-head fp32 --layouts fused,resident,branches,plain
                                                                           # each layout in a process of its own
 
@@ -653,6 +655,61 @@ def report(work: Path, out: Path) -> None:
     print(json.dumps({k: v for k, v in result.items() if k != "sizes"}, indent=2))
 
 
+GOAL_TOK_S, GOAL_OVER_TORCH = 400.0, 8.0  # the any-model issue: the multi-LoRA graph at the 3.8B shape, no adapter
+
+
+def goals_report(work: Path, size: str, block_size: int | None, lm_head: str, out: Path) -> None:
+    """The any-model issue's decode goals from one `measure` of one build: the fused layout (the pipeline's model
+    with optimize.lora_layout=fused) against the plain model and torch eager, all measured in the same process."""
+    import torch
+
+    root = size_root(work, size, block_size, lm_head)
+    path = root / "measured.json"
+    if not path.exists():
+        raise SystemExit(f"{path}: not measured yet (run `measure` with the same --size/--block-size/--lm-head)")
+    measured = json.loads(path.read_text())
+    s = summarize(size, measured)
+    if "fused" not in s["decode_tok_s"] or "torch_eager_bf16" not in s:
+        raise SystemExit(f"{path}: needs the fused layout and torch eager (build --layouts plain,fused; no --no-torch)")
+    fused = s["decode_tok_s"]["fused"]
+    fused_runs = measured["ort"]["fused"]
+    result = {
+        "date": str(date.today()),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "model": f"{model_conf(size, None)['name']} (random weights, int4 block {measured['block_size']}, "
+        f"lm_head {measured['lm_head']}, CUDA graphs, rank-{RANK} adapters)",
+        "decode_tok_s": {
+            "fused_base": fused["base"],
+            "fused_adapter": {n: fused[n] for n in ADAPTERS},
+            "plain": s["decode_tok_s"]["plain"]["base"],
+            "torch_base": s["torch_eager_bf16"]["base"]["decode_tok_s"],
+            "torch_adapter": s["torch_eager_bf16"]["a"]["decode_tok_s"],
+        },
+        "ttft_ms": {
+            "fused_base": s["ttft_ms"]["fused"]["base"],
+            "plain": s["ttft_ms"]["plain"]["base"],
+            "torch_base": s["torch_eager_bf16"]["base"]["ttft_ms"],
+        },  # fmt: skip
+        "fused_over_plain": round(fused["base"] / s["decode_tok_s"]["plain"]["base"], 3),
+        "fused_over_torch": s["ort_over_torch"]["fused"],
+        "adapter_cost": s["adapter_cost"]["fused"],
+        "share_of_bound": s["share_of_bound"],
+        "bound_tok_s": s["bound_tok_s"],
+        "greedy_tokens_same_every_round": all(
+            v["same_tokens_every_round"] for v in fused_runs.values() if isinstance(v, dict)
+        ),
+        "switching_gives_same_tokens": fused_runs["switching_gives_same_tokens"],
+        "goals": {
+            f"fused_base >= {GOAL_TOK_S:g} tok/s": fused["base"] >= GOAL_TOK_S,
+            f"fused_base >= {GOAL_OVER_TORCH:g}x torch eager": s["ort_over_torch"]["fused"] >= GOAL_OVER_TORCH,
+        },
+        "measured": measured,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "measured"}, indent=2))
+
+
 def scale_report(work: Path, out: Path) -> None:
     """bench/results/<date>-cuda-scale.json: at the 3.8B shape, decode speed and share of the bandwidth bound per
     int4 block size (every `phi35*` folder measured), no adapter and with one."""
@@ -711,6 +768,7 @@ def main() -> None:
             "measure-one",
             "kernel-check",
             "layouts",
+            "goals",
         ),
     )
     parser.add_argument("--size", choices=("default", "phi35"), default="default")
@@ -766,6 +824,9 @@ def main() -> None:
                            args.block_size, args.lm_head)  # fmt: skip
     elif args.step == "kernel-check":
         kernel_check(args.out or args.work / "kernel-check.json")
+    elif args.step == "goals":
+        name = f"{date.today()}-cuda-{args.size}-goals.json"
+        goals_report(args.work, args.size, args.block_size, args.lm_head, args.out or BENCH_RESULTS / name)
     else:
         scale_report(args.work, args.out or Path(f"bench/results/{date.today()}-cuda-scale.json"))
 
