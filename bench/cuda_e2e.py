@@ -8,7 +8,7 @@ Run from the repository root on the GPU machine, with params.yaml composed for t
 or in steps that each fit a time-limited call (the state file collects them; bench/gpu/run_phi35_shape.sh):
 
     python -m bench.cuda_e2e stages base data quantize --state S    # each stage: seconds, peak RSS, peak GPU memory
-    python -m bench.cuda_e2e measure --layouts branches,plain --state S
+    python -m bench.cuda_e2e measure --layouts plain --state S
     python -m bench.cuda_e2e report --state S --out bench/results/<date>-cuda-phi35-shape.json
 
 Baseline in the same run: torch eager `generate` (bf16, the quantized model's weights) on the same GPU.
@@ -166,8 +166,9 @@ def scripted_chat(model_dir: Path) -> list[dict]:
     return log
 
 
-def build_variants(root: Path, layouts: tuple[str, ...] = ("branches", "plain", "switch")) -> dict[str, Path]:
-    """The stage's model (multi-LoRA branches) plus, for comparison, the plain model and the `switch` layout."""
+def build_variants(root: Path, layouts: tuple[str, ...] = ("plain", "switch")) -> dict[str, Path]:
+    """The stage's model (`pipeline`: multi-LoRA, in params.yaml's optimize.lora_layout) plus, for comparison, the
+    plain model and the `switch` layout."""
     import yaml
 
     from olive_lab.onnx.export import build_onnx
@@ -181,7 +182,7 @@ def build_variants(root: Path, layouts: tuple[str, ...] = ("branches", "plain", 
         lm_head=opt["lm_head"],
     )
     adapters = {task: Path("models/adapters") / task for task in TASKS}
-    variants = {"branches": Path("models/onnx")}
+    variants = {"pipeline": Path("models/onnx")}
     if "plain" in layouts:
         build_onnx("models/quantized", root / "plain", {}, **common)
         variants["plain"] = root / "plain"
@@ -239,9 +240,10 @@ def sizes_mb() -> dict:
     }
 
 
-def best_branches(result: dict) -> tuple[str, dict]:
-    """The pipeline's own layout, with CUDA graphs where ORT could capture them."""
-    for variant in ("branches+cuda_graph", "branches"):
+def best_pipeline(result: dict) -> tuple[str, dict]:
+    """The pipeline's own model, with CUDA graphs where ORT could capture them (`branches`: state files from before
+    2026-12-07, when the stage's model was always that layout)."""
+    for variant in ("pipeline+cuda_graph", "pipeline", "branches+cuda_graph", "branches"):
         measured = result["ort_genai"].get(variant, {})
         if "base" in measured:
             return variant, measured
@@ -252,7 +254,7 @@ def summary(result: dict) -> dict:
     """The keys the any-model issue asks for, from a full run's state."""
     import yaml
 
-    variant, ort = best_branches(result)
+    variant, ort = best_pipeline(result)
     eager = result["torch_eager_bf16"]
     params = yaml.safe_load(Path("params.yaml").read_text())
     return {
@@ -299,7 +301,7 @@ def main() -> None:
     parser.add_argument("--skip-stages", action="store_true", help="measure existing models/ only")
     parser.add_argument("--out", default=f"bench/results/{date.today()}-cuda.json")
     parser.add_argument("--state", default="/tmp/cuda_e2e/state.json", help="results collected across steps")
-    parser.add_argument("--layouts", default="branches,plain,switch", help="ORT GenAI layouts to compare")
+    parser.add_argument("--layouts", default="plain,switch", help="ORT GenAI models to measure beside the stage's")
     parser.add_argument("--work", default="/tmp/cuda_e2e", help="scratch folder for the extra builds")
     args = parser.parse_args()
 

@@ -21,12 +21,12 @@ step=${1:-all}; shift || true
 case "$step" in
   install) install_phi35 ;;
   stages) python3 -m bench.cuda_e2e stages "$@" --state "$STATE" ;;
-  measure) python3 -m bench.cuda_e2e measure --layouts branches,plain --state "$STATE" ;;
+  measure) python3 -m bench.cuda_e2e measure --layouts plain --state "$STATE" ;;
   report) python3 -m bench.cuda_e2e report --state "$STATE" --out "bench/results/$(date +%F)-cuda-phi35-shape.json" ;;
   all)
     install_phi35
     python3 -m bench.cuda_e2e stages base data quantize finetune@travel finetune@trip_json optimize evaluate --state "$STATE"
-    python3 -m bench.cuda_e2e measure --layouts branches,plain --state "$STATE"
+    python3 -m bench.cuda_e2e measure --layouts plain --state "$STATE"
     python3 -m bench.cuda_e2e report --state "$STATE" --out "bench/results/$(date +%F)-cuda-phi35-shape.json" ;;
   *) echo "usage: $0 [install|stages STAGE...|measure|report|all]" >&2; exit 2 ;;
 esac
