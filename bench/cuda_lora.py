@@ -372,7 +372,7 @@ def kernel_check(out: Path) -> None:
     """olive_lab.LoraResident on CUDA against numpy at the slot shapes of both sizes (decode and a 71-token prefill):
     one line per shape, and SystemExit if an error exceeds float16 rounding of the sums or the ONNX nodes' error, if a
     second run gives other bits, or if a decoding step's single launch (lora_one) gives other bits than two launches
-    (OLIVE_LAB_LORA_TWO_LAUNCHES=1, which the library reads when a session creates the op)."""
+    (OLIVE_LAB_LORA_TWO_LAUNCHES=1, which each op kernel reads when a session creates it)."""
     import numpy as np
     import torch  # noqa: F401  (first: onnxruntime-gpu finds the CUDA libraries torch brings)
 
@@ -402,8 +402,7 @@ def kernel_check(out: Path) -> None:
     try:
         two = decode_outputs(sessions())
     finally:
-        del os.environ["OLIVE_LAB_LORA_TWO_LAUNCHES"]
-        sessions()  # the setting is the library's, read at each session's creation: back to the default
+        del os.environ["OLIVE_LAB_LORA_TWO_LAUNCHES"]  # read by each op kernel at its creation: `one_launch` keeps one
     for name in shapes:
         result[f"{name} rows=1"]["one_launch_equals_two"] = bool((single[name] == two[name]).all())
         print(name, "one launch gives the bits of two:", result[f"{name} rows=1"]["one_launch_equals_two"])

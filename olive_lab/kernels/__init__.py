@@ -1,8 +1,8 @@
 """olive_lab's ONNX Runtime custom-op library (libolive_lab_kernels.so), the ops of `optimize.lora_layout=fused`:
 - olive_lab.LoraResident (lora_resident.cc, lora_resident_cuda.cu): the resident multi-LoRA branch of a projection
-  (olive_lab.onnx.lora.fuse_resident) in one CUDA launch per decoding step instead of ORT's five; its CPU kernel is the reference the
-  tests run; olive_lab.LoraResidentSwiGlu, the same for a packed gate/up projection, also applies the MLP's
-  activation (olive_lab.onnx.lora.fuse_swiglu);
+  (olive_lab.onnx.lora.fuse_resident) in one CUDA launch per decoding step instead of ORT's five; its CPU kernel is
+  the reference the tests run; olive_lab.LoraResidentSwiGlu, the same for a packed gate/up projection, also applies
+  the MLP's activation (olive_lab.onnx.lora.fuse_swiglu);
 - olive_lab.LoraBranch (lora_branch.cc): the LoRA branch of a CPU model (olive_lab.onnx.lora.fuse_branches), whose
   adapter files hold float16 A and packed B matrices, a third of the bytes of the branches layout's.
 The library is C++ against ORT's C API (ort_abi.h: the entries used, by position; library.cc: the entry point ORT
@@ -165,7 +165,8 @@ def op_error(session, rows: int, k: int, n: int, r: int, active: tuple[int, int]
         nodes = ((gate * (1 / (1 + np.exp(-gate.astype(np.float32)))).astype(f16)).astype(f16) * up).astype(np.float32)
         ref = swiglu(ref)
         base = swiglu(y.astype(np.float32))
-        idle_check = {"no_adapter_is_swiglu_of_y": bool(np.abs(idle.astype(np.float32) - base).max() <= 2**-10 * np.abs(base).max())}  # fmt: skip
+        idle_error = np.abs(idle.astype(np.float32) - base).max()
+        idle_check = {"no_adapter_is_swiglu_of_y": bool(idle_error <= 2**-10 * np.abs(base).max())}
     return {
         "max_abs_error": float(np.abs(out.astype(np.float32) - ref).max()),
         "onnx_nodes_max_abs_error": float(np.abs(nodes - ref).max()),

@@ -13,10 +13,12 @@
 // Why: on CUDA, ORT runs the four ONNX nodes of that branch as five kernels per slot (a cuBLAS split-K product and
 // its reduce, the mask, the second product, the add), and at the sizes this project targets the launches, not the
 // arithmetic, set the decode speed (README, "Adapters on the GPU"). The CUDA kernels (lora_resident_cuda.cu) do it
-// in one launch per decoding step (two for prefill) and skip the adapter products when the mask is all zero. The CPU kernel is the reference the
-// tests run in real ORT sessions on any host (CPU models use olive_lab.LoraBranch, lora_branch.cc).
+// in one launch per decoding step (two for prefill) and skip the adapter products when the mask is all zero. The
+// CPU kernel is the reference the tests run in real ORT sessions on any host (CPU models use olive_lab.LoraBranch,
+// lora_branch.cc).
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <algorithm>
@@ -81,7 +83,7 @@ struct Kernel {
   const ort::Api* api;
   bool cuda;
   bool swiglu;
-  void* barrier;  // CUDA: this node's grid-barrier counter for single-launch decoding steps (lora_resident_cuda.cu)
+  void* barrier;  // CUDA: this node's grid-barrier counter for single-launch decoding steps; null: two launches
 };
 
 constexpr const char* kInputs[] = {"y", "x", "A", "B", "mask"};
@@ -169,7 +171,11 @@ ort::Status* create_kernel(const ort::CustomOp*, const ort::Api* api, const ort:
   void* barrier = nullptr;
 #ifdef OLIVE_LAB_CUDA
   if (kCuda && lora_resident_cuda_warm_up() != 0) return ort::error(api, "LoraResident: cannot load the CUDA kernels");
-  if (kCuda && (barrier = lora_resident_cuda_barrier()) == nullptr)
+  // OLIVE_LAB_LORA_TWO_LAUNCHES=1 (A/B runs): this kernel gets no barrier, so its decoding steps take two launches.
+  // Read here, per op kernel, so that a session keeps the setting it was created with.
+  const char* two_launches = getenv("OLIVE_LAB_LORA_TWO_LAUNCHES");
+  const bool one_launch = two_launches == nullptr || strcmp(two_launches, "1") != 0;
+  if (kCuda && one_launch && (barrier = lora_resident_cuda_barrier()) == nullptr)
     return ort::error(api, "LoraResident: cannot allocate its 8-byte barrier counter on the GPU");
 #endif
   *kernel = new Kernel{api, kCuda, kSwiGlu, barrier};

@@ -20,11 +20,9 @@ struct LoraResidentShape {
 // (lora_resident_cuda_barrier), which a decoding step's single launch needs; null runs two launches.
 int lora_resident_cuda(void* stream, const LoraResidentShape& shape, const void* y, const void* x, const void* A,
                        const void* B, const void* mask, void* partial, void* out, void* barrier);
-// Load the kernels (0 on success); called when a session creates the op's kernel, before any graph capture.
+// Load the kernels and count what the GPU holds (0 on success); called when a session creates the op's kernel,
+// before any graph capture.
 int lora_resident_cuda_warm_up();
-// Whether `shape` runs in one launch (a decoding step whose grid the GPU holds at once; not with
-// OLIVE_LAB_LORA_TWO_LAUNCHES=1, read at warm-up).
-bool lora_resident_cuda_one_launch(const LoraResidentShape& shape);
 // A zeroed 8-byte device counter for lora_one's grid barrier, one per op kernel (null if it cannot be allocated),
 // and its release.
 void* lora_resident_cuda_barrier();

@@ -5,21 +5,20 @@
 //         adapter's block), and writes its partial sums of x @ A to partial[m, p, :];
 //   up:   each block sums the P partials in a fixed order (the same bits every run), then adds t @ B to its columns
 //         of y.
-// A decoding step (one row) runs both in one launch, `lora_one`: its blocks do the down step, meet at a grid barrier
-// (a count and a generation in device memory that the op's kernel owns), then do the up step. With an all-zero mask (no adapter)
-// each block only copies (or activates) its columns of y, so an idle slot costs one near-empty launch. lora_one's
-// grid is at most what the GPU holds at once (checked at warm-up), so every block is resident and the barrier
-// cannot wait forever. Prefill (several rows) runs the steps as two launches, `lora_down` and `lora_up`, and so does
-// decoding with OLIVE_LAB_LORA_TWO_LAUNCHES=1 (for A/B runs). The mask is read on the device, so a captured CUDA
-// graph stays valid when the adapter changes (switching is a new mask, copied in by ORT GenAI).
+// A decoding step (one row) runs both in one launch, `lora_one`: its blocks do the down step, meet at a grid
+// barrier (a count and a generation in device memory that the op's kernel owns), then do the up step. With an
+// all-zero mask (no adapter) each block only copies (or activates) its columns of y, so an idle slot costs one
+// near-empty launch. lora_one's grid is at most what the GPU holds at once (counted at warm-up), so every
+// block is resident and the barrier cannot wait forever. Prefill (several rows) runs the steps as two launches,
+// `lora_down` and `lora_up`, and so does decoding for an op kernel without a barrier (one created with
+// OLIVE_LAB_LORA_TWO_LAUNCHES=1, for A/B runs). The mask is read on the device, so a captured CUDA graph stays valid
+// when the adapter changes (switching is a new mask, copied in by ORT GenAI).
 // LoraResidentSwiGlu is the same op whose up step also applies the packed gate/up projection's activation,
 // silu(gate) * up, writing N / 2 columns: three fewer kernels per layer (ORT's Split, QuickGelu and Mul).
 #include <cuda/atomic>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
 
 #include <algorithm>
 
@@ -213,13 +212,18 @@ __global__ void lora_one(const __half* __restrict__ y, const __half* __restrict_
     up_step<kSwiGlu>(y, B, s_t, out, N, first, width, b * kThreads + threadIdx.x);
 }
 
-// Set at warm-up: blocks the GPU holds at once per lora_one kernel (0: it cannot launch), and the A/B setting.
+// Set at warm-up: blocks the GPU holds at once per lora_one kernel (0: it cannot launch).
 int g_resident_blocks[2] = {0, 0};
-bool g_two_launches = false;
 
 int lora_one_blocks(const LoraResidentShape& shape) {
   const int columns = shape.swiglu ? shape.N / 2 : shape.N;
   return std::max(lora_partial_blocks(shape.K), (columns + kThreads - 1) / kThreads);
+}
+
+// Whether a decoding step of `shape` can run as one launch: one row, and a grid the GPU holds at once.
+bool one_launch(const LoraResidentShape& shape) {
+  return shape.M == 1 && shape.R * sizeof(float) <= kMaxSharedBytes &&
+         lora_one_blocks(shape) <= g_resident_blocks[shape.swiglu];
 }
 
 template <bool kSwiGlu>
@@ -228,7 +232,7 @@ int enqueue(cudaStream_t s, const LoraResidentShape& shape, const void* y, const
   const int P = lora_partial_blocks(shape.K);
   const auto* mask16 = static_cast<const __half*>(mask);
   const size_t shared = shape.R * sizeof(float);
-  if (lora_resident_cuda_one_launch(shape) && barrier != nullptr) {
+  if (barrier != nullptr && one_launch(shape)) {
     lora_one<kSwiGlu><<<lora_one_blocks(shape), kThreads, shared, s>>>(
         static_cast<const __half*>(y), static_cast<const __half*>(x), static_cast<const __half*>(A),
         static_cast<const __half*>(B), mask16, static_cast<float*>(partial), static_cast<__half*>(out), shape.K,
@@ -245,11 +249,6 @@ int enqueue(cudaStream_t s, const LoraResidentShape& shape, const void* y, const
 }
 
 }  // namespace
-
-bool lora_resident_cuda_one_launch(const LoraResidentShape& shape) {
-  return shape.M == 1 && !g_two_launches && shape.R * sizeof(float) <= kMaxSharedBytes &&
-         lora_one_blocks(shape) <= g_resident_blocks[shape.swiglu];
-}
 
 void* lora_resident_cuda_barrier() {
   void* counter = nullptr;  // [count, generation]
@@ -282,8 +281,6 @@ int lora_resident_cuda_warm_up() {
           cudaSuccess)
     return 1;
   for (int i = 0; i < 2; ++i) g_resident_blocks[i] = per_sm[i] * sms;
-  const char* two = getenv("OLIVE_LAB_LORA_TWO_LAUNCHES");
-  g_two_launches = two != nullptr && strcmp(two, "1") == 0;
   return 0;
 }
 
