@@ -193,7 +193,7 @@ def build_variants(root: Path, layouts: tuple[str, ...] = ("plain", "switch")) -
 
 
 def measure(result: dict, work: Path, layouts: tuple[str, ...]) -> None:
-    """torch eager and ORT GenAI (each layout, CUDA graphs off and on) on the same prompt, then the chat engine."""
+    """ORT GenAI (each layout, CUDA graphs off and on), then torch eager, on the same prompt; then the chat engine."""
     from transformers import AutoTokenizer
 
     from olive_lab.lm import prompt_text
@@ -201,10 +201,6 @@ def measure(result: dict, work: Path, layouts: tuple[str, ...]) -> None:
     tok = AutoTokenizer.from_pretrained("models/quantized")
     ids = tok(prompt_text(tok, PROMPT), add_special_tokens=False).input_ids
     result["prompt_tokens"] = len(ids)
-    result["torch_eager_bf16"] = {"base": torch_eager("models/quantized", ids)}
-    for task in TASKS:
-        result["torch_eager_bf16"][task] = torch_eager("models/quantized", ids, Path("models/adapters") / task)
-    print("torch eager:", result["torch_eager_bf16"], flush=True)
     result["ort_genai"] = {}
     for layout, folder in build_variants(work, layouts).items():
         names = [None] if layout == "plain" else [None, *TASKS]
@@ -223,6 +219,12 @@ def measure(result: dict, work: Path, layouts: tuple[str, ...]) -> None:
                 },
                 flush=True,
             )
+    # torch eager after ORT: in a process whose torch had already run on the GPU, ORT decoded at 0.91-0.96x on an
+    # H100 (2026-12-07, bench/results/2026-12-07-cuda-phi35-goals.json: torch_first)
+    result["torch_eager_bf16"] = {"base": torch_eager("models/quantized", ids)}
+    for task in TASKS:
+        result["torch_eager_bf16"][task] = torch_eager("models/quantized", ids, Path("models/adapters") / task)
+    print("torch eager:", result["torch_eager_bf16"], flush=True)
     result["ratios"] = ratios(result)
     result["chat"] = scripted_chat(Path("models/onnx"))
     result["sizes_mb"] = sizes_mb()
