@@ -96,10 +96,15 @@ bench-lora:  ## decode tok/s: plain int4 vs multi-LoRA model with no / one adapt
 	$(BIN)/python -m bench.decode_lora
 
 LLAMA_CPP_PYTHON ?= llama-cpp-python==0.3.36
-bench-setup:  ## llama-cpp-python for bench-cpu, built from PyPI's sdist (9-45 min on 2 cores; not part of setup/CI)
+# On x86 without ggml's AMX backend: in llama-cpp-python 0.3.36 it segfaults at the first decode of a Q4_0 model on a
+# Xeon with AMX (2026-12-07), with or without a LoRA. The explicit -mno-amx-* flags win over -march=native; the AVX-512
+# kernels and weight repacking stay.
+LLAMA_NO_AMX := $(if $(filter x86_64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
+bench-setup:  ## llama-cpp-python for bench-cpu, built from PyPI's sdist (4-45 min on 2 cores; not part of setup/CI)
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF \
-	  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF" \
-	  $(BIN)/pip install $(LLAMA_CPP_PYTHON)
+	  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF \
+	  -DCMAKE_C_FLAGS='$(LLAMA_NO_AMX)' -DCMAKE_CXX_FLAGS='$(LLAMA_NO_AMX)'" \
+	  sh -c '$(BIN)/pip uninstall -q -y llama-cpp-python 2>/dev/null; $(BIN)/pip install --no-cache-dir $(LLAMA_CPP_PYTHON)'
 
 bench-cpu:  ## decode/TTFT: ORT GenAI (models/onnx, +adapter) vs llama.cpp Q4_0/Q4_1 (+the same adapter) vs the bandwidth bound
 	$(BIN)/python -m bench.cpu_vs_llama
