@@ -179,7 +179,17 @@ def llama_peak_rss_mb(path: Path, lora: Path | None, threads: int) -> float:
         "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))\n"
     )
     argv = [sys.executable, "-c", code, str(path), str(threads), str(lora or "")]
-    out = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=ROOT)
+    what = f"{path}{f' with {lora}' if lora else ''}"
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=ROOT)
+    except subprocess.CalledProcessError as exc:
+        if exc.returncode < 0:  # a signal: llama.cpp itself crashed, which would kill the bench in-process
+            raise SystemExit(
+                f"llama.cpp crashed (signal {-exc.returncode}) decoding {what}: rebuild it with `make bench-setup` "
+                "(the Makefile says which llama.cpp backend crashed before)"
+            ) from None
+        last = (exc.stderr or "").strip().splitlines()[-1:] or ["no output"]
+        raise SystemExit(f"llama.cpp could not decode {what}: {last[0]}") from None
     return round(int(out.stdout.split()[-1]) / 1024, 1)
 
 
@@ -262,6 +272,8 @@ def decode_rounds(state: dict, ids: list[int], scratch: Path, threads: int, roun
     adapters = og.Adapters(model)
     adapters.load(str(onnx_dir / "adapters" / "adapter.onnx_adapter"), "adapter")
     q4_0, lora = Path(state["q4_0"]), Path(state["lora"])
+    for adapter in (None, lora):  # first in a child process: a llama.cpp that crashes stops the bench in one line
+        llama_peak_rss_mb(q4_0, adapter, threads)
     llamas = {"llama_q4_0": llama_model(q4_0, threads), "llama_q4_0_adapter": llama_model(q4_0, threads, lora)}
 
     def once(variant: str, n: int) -> tuple[list[int], list[float]]:

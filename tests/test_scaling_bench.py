@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -89,3 +90,24 @@ def test_an_unknown_size_fails_in_one_line():
                          text=True, cwd=ROOT, timeout=120)  # fmt: skip
     assert run.returncode != 0
     assert run.stderr.strip() == "--sizes: unknown size '7b' (known: 135m, 360m, 1.7b, 3.8b)"
+
+
+@pytest.mark.parametrize(
+    ("returncode", "stderr", "message"),
+    [
+        (-11, "", "llama.cpp crashed (signal 11) decoding m.gguf with l.gguf: rebuild it with `make bench-setup`"),
+        (1, "Traceback ...\nValueError: Failed to load model from file: m.gguf", "llama.cpp could not decode m.gguf "
+         "with l.gguf: ValueError: Failed to load model from file: m.gguf"),
+    ],
+)  # fmt: skip
+def test_a_llama_cpp_that_crashes_in_its_child_stops_the_bench_in_one_line(monkeypatch, returncode, stderr, message):
+    import bench.scaling as scaling
+
+    def run(argv, **kwargs):
+        raise subprocess.CalledProcessError(returncode, argv, output="", stderr=stderr)
+
+    monkeypatch.setattr(scaling.subprocess, "run", run)
+    with pytest.raises(SystemExit) as exit_info:
+        scaling.llama_peak_rss_mb(Path("m.gguf"), Path("l.gguf"), 2)
+    assert str(exit_info.value).startswith(message)
+    assert "\n" not in str(exit_info.value)
