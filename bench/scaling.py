@@ -272,8 +272,10 @@ def decode_rounds(state: dict, ids: list[int], scratch: Path, threads: int, roun
     adapters = og.Adapters(model)
     adapters.load(str(onnx_dir / "adapters" / "adapter.onnx_adapter"), "adapter")
     q4_0, lora = Path(state["q4_0"]), Path(state["lora"])
-    for adapter in (None, lora):  # first in a child process: a llama.cpp that crashes stops the bench in one line
-        llama_peak_rss_mb(q4_0, adapter, threads)
+    # llama.cpp first in child processes (their peak RSS is the size's figure): one that crashes stops the bench in
+    # one line instead of killing it here
+    llama_rss = {"llama_q4_0": llama_peak_rss_mb(q4_0, None, threads),
+                 "llama_q4_0_adapter": llama_peak_rss_mb(q4_0, lora, threads)}  # fmt: skip
     llamas = {"llama_q4_0": llama_model(q4_0, threads), "llama_q4_0_adapter": llama_model(q4_0, threads, lora)}
 
     def once(variant: str, n: int) -> tuple[list[int], list[float]]:
@@ -286,6 +288,7 @@ def decode_rounds(state: dict, ids: list[int], scratch: Path, threads: int, roun
         **same_model_checks(reference, model, adapters, llamas, ids),
         "llama_adapter_changes_tokens": tokens["llama_q4_0_adapter"] != tokens["llama_q4_0"],
         "greedy_agreement_llama_vs_ort_32_tokens": agreement(tokens["llama_q4_0"], tokens["ort_base"]),
+        "llama_peak_rss_mb": llama_rss,
     }
     runs: dict[str, list[list[float]]] = {v: [] for v in VARIANTS}
     # The bound's bandwidth is measured between rounds too and the best reading kept: on a shared host one reading
@@ -323,6 +326,7 @@ def measure(state: dict, threads: int, rounds: int, new_tokens: int, profile: bo
     decode = {v: s["decode_tok_s"]["median"] for v, s in speed.items()}
     ttft = {v: s["ttft_ms"]["median"] for v, s in speed.items()}
     readings = checks.pop("copy_bandwidth_gb_s_readings")
+    llama_rss = checks.pop("llama_peak_rss_mb")
     bandwidth = max(copy_bandwidth_gb_s(threads), *readings)
     context = len(ids) + new_tokens // 2
     read = {
@@ -332,11 +336,7 @@ def measure(state: dict, threads: int, rounds: int, new_tokens: int, profile: bo
         "llama_q4_0_adapter": gguf_bytes_per_token(q4_0, lora, context, hf_config),
     }
     bound = {v: bandwidth * 1e9 / b["total"] for v, b in read.items()}
-    rss = {
-        "ort_base": model_peak_rss_mb(onnx_dir / "model"),
-        "llama_q4_0": llama_peak_rss_mb(q4_0, None, threads),
-        "llama_q4_0_adapter": llama_peak_rss_mb(q4_0, lora, threads),
-    }
+    rss = {"ort_base": model_peak_rss_mb(onnx_dir / "model"), **llama_rss}
     result = {
         "params_b": round(param_count({**hf_config}) / 1e9, 3),
         "ort_block_size": state.get("ort_block_size", 32),
