@@ -691,7 +691,7 @@ def goals_report(work: Path, size: str, block_size: int | None, lm_head: str, ou
             "fused_base": s["ttft_ms"]["fused"]["base"],
             "plain": s["ttft_ms"]["plain"]["base"],
             "torch_base": s["torch_eager_bf16"]["base"]["ttft_ms"],
-        },  # fmt: skip
+        },
         "fused_over_plain": round(fused["base"] / s["decode_tok_s"]["plain"]["base"], 3),
         "fused_over_torch": s["ort_over_torch"]["fused"],
         "adapter_cost": s["adapter_cost"]["fused"],
