@@ -44,6 +44,7 @@ PROMPT = (
 NEW_TOKENS = 128
 ROUNDS = 5
 TASKS = ("travel", "trip_json")
+EXTRA_LAYOUTS = ("plain", "switch")  # what build_variants builds beside the stage's model
 
 
 def run_stages(stages: list[list[str]], costs: dict, save) -> None:
@@ -303,9 +304,13 @@ def main() -> None:
     parser.add_argument("--skip-stages", action="store_true", help="measure existing models/ only")
     parser.add_argument("--out", default=f"bench/results/{date.today()}-cuda.json")
     parser.add_argument("--state", default="/tmp/cuda_e2e/state.json", help="results collected across steps")
-    parser.add_argument("--layouts", default="plain,switch", help="ORT GenAI models to measure beside the stage's")
+    parser.add_argument("--layouts", default="plain,switch", help="ORT GenAI models to measure beside the stage's: "
+                        f"any of {','.join(EXTRA_LAYOUTS)}, comma-separated")  # fmt: skip
     parser.add_argument("--work", default="/tmp/cuda_e2e", help="scratch folder for the extra builds")
     args = parser.parse_args()
+    layouts = tuple(args.layouts.split(",")) if args.layouts else ()
+    if unknown := [name for name in layouts if name not in EXTRA_LAYOUTS]:
+        parser.error(f"--layouts: unknown {', '.join(unknown)} (known: {', '.join(EXTRA_LAYOUTS)})")
 
     import torch  # first: onnxruntime-gpu finds the CUDA libraries torch brings
 
@@ -321,7 +326,7 @@ def main() -> None:
         chosen = [s.split("@") for s in args.stages] if args.stages else STAGES
         run_stages(chosen, result.setdefault("stages", {}), save)
     if args.step in ("all", "measure"):
-        measure(result, Path(args.work), tuple(args.layouts.split(",")))
+        measure(result, Path(args.work), layouts)
     save()
     if args.step in ("all", "report"):
         out = summary(result) if args.step == "report" else result

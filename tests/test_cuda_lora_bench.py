@@ -1,5 +1,6 @@
 """bench/cuda_lora.py's goal verdicts (the any-model issue's >= 400 tok/s and >= 8x torch eager), from a measured
-file shaped as `measure` writes it. The timed GPU runs themselves are benchmarks, not tests."""
+file shaped as `measure` writes it, and bench/cuda_e2e.py's argument check. The timed GPU runs themselves are benchmarks,
+not tests."""
 
 from __future__ import annotations
 
@@ -56,3 +57,17 @@ def test_a_build_without_the_fused_layout_or_torch_is_one_line(tmp_path):
     (root / "measured.json").write_text(json.dumps(no_torch))
     with pytest.raises(SystemExit, match="needs the fused layout and torch eager"):
         goals_report(tmp_path, "phi35", 128, "fp32", tmp_path / "goals.json")
+
+
+def test_cuda_e2e_refuses_an_unknown_layout_in_one_line_before_loading_anything():
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.cuda_e2e", "measure", "--layouts", "plain,swtich"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "--layouts: unknown swtich (known: plain, switch)" in done.stderr.strip().splitlines()[-1]
