@@ -23,6 +23,7 @@ from pathlib import Path
 
 from bench.scaling import SIZES, build
 from olive_lab.decode import SPEED_PROMPT, cpu_isa, cpu_name, linked_copy, ort_greedy, set_threads
+from olive_lab.onnx.lora import read_adapter, write_adapter
 from olive_lab.paths import BENCH_RESULTS
 
 VARIANTS = ("none", "rank16", "rank8")
@@ -32,10 +33,8 @@ def cut_rank(adapter: Path, out: Path, rank: int) -> Path:
     """The .onnx_adapter `adapter` (the fused layout's packed inputs: A [K, P * r] and B [r, N] per slot, P parts
     sharing x, e.g. q, k and v) with each part's first `rank` columns of A and rows of B."""
     import numpy as np
-    import onnxruntime as ort
 
-    source = ort.AdapterFormat.read_adapter(str(adapter))
-    params = {name: value.numpy() for name, value in source.get_parameters().items()}
+    params = read_adapter(adapter)
     cut = {}
     for name, value in params.items():
         if name.endswith("lora_A.weight"):
@@ -46,20 +45,13 @@ def cut_rank(adapter: Path, out: Path, rank: int) -> Path:
             cut[name] = np.ascontiguousarray(value[:rank])
         else:
             cut[name] = value
-    target = ort.AdapterFormat()
-    target.set_adapter_version(source.get_adapter_version())
-    target.set_model_version(source.get_model_version())
-    target.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in cut.items()})
     out.parent.mkdir(parents=True, exist_ok=True)
-    target.export_adapter(str(out))
+    write_adapter(cut, out)
     return out
 
 
 def adapter_mb(adapter: Path) -> float:
-    import onnxruntime as ort
-
-    values = ort.AdapterFormat.read_adapter(str(adapter)).get_parameters().values()
-    return round(sum(v.numpy().nbytes for v in values) / 1e6, 2)
+    return round(sum(v.nbytes for v in read_adapter(adapter).values()) / 1e6, 2)
 
 
 def tok_s(stamps: list[float]) -> float:
@@ -110,6 +102,7 @@ def main() -> None:
               flush=True)  # fmt: skip
     median = {v: statistics.median(s) for v, s in speeds.items()}
     cost_ms = {v: round(1e3 / median[v] - 1e3 / median["none"], 3) for v in ("rank16", "rank8")}
+    mb = {name: adapter_mb(path) for name, path in files.items()}
     result = {
         "date": str(date.today()),
         "machine": {"cpu": cpu_name(), "isa": cpu_isa()},
@@ -118,11 +111,11 @@ def main() -> None:
         "rounds": args.rounds,
         "new_tokens": args.new_tokens,
         "prompt_tokens": len(ids),
-        "adapter_mb": {name: adapter_mb(path) for name, path in files.items()},
+        "adapter_mb": mb,
         "decode_tok_s": {"median": median, "readings": speeds},
         "adapter_cost_ms_per_token": cost_ms,
         # each adapter's ms per token over its MB: the rate the decoding step reads it at, if bytes are the cost
-        "adapter_ms_per_mb": {v: round(cost_ms[v] / adapter_mb(files[v]), 4) for v in cost_ms},
+        "adapter_ms_per_mb": {v: round(cost_ms[v] / mb[v], 4) for v in cost_ms},
         "rank8_over_rank16_tok_s": round(median["rank8"] / median["rank16"], 3),
         "about": "rank 8 = the rank-16 adapter cut to half its bytes (and FLOPs): an upper bound on what int8 weights "
         "at rank 16 would give",
