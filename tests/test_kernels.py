@@ -617,6 +617,77 @@ def test_branch_op_with_rank_zero_returns_y(branch_op):
     assert np.array_equal(out, feeds["y"])
 
 
+def q8_feeds(rows: int, k: int, parts: tuple[int, ...], r: int, seed: int = 0) -> dict[str, np.ndarray]:
+    from olive_lab.kernels import quantize_branch_int8
+
+    feeds = branch_feeds(rows, k, parts, r, seed)
+    qa, qb, scale = quantize_branch_int8(feeds["A"], feeds["B"], parts)
+    return {"y": feeds["y"], "x": feeds["x"], "A": qa, "B": qb, "scale": scale, "parts": feeds["parts"]}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [*BRANCH_SHAPES, (1, 2048, (2048, 512, 512), 16), (1, 8192, (2048,), 16)])
+def test_branch_q8_op_matches_numpy_and_the_float16_adapter_it_quantizes(library, shape, threads):
+    """LoraBranchQ8 computes its own int8 inputs' sum exactly (to float32 rounding), split over threads or not, and
+    stays within int8 rounding of LoraBranch on the float16 adapter it was made from: a scale applied to the wrong
+    columns, or per part where it is per row, is far off both."""
+    from olive_lab.kernels import branch_reference, branch_reference_int8, branch_session
+
+    feeds = q8_feeds(*shape)
+    (out,) = branch_session(library, threads, int8=True).run(["out"], feeds)
+    ref = branch_reference_int8(*(feeds[k] for k in ("y", "x", "A", "B", "scale")), shape[2])
+    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+    f16 = branch_feeds(*shape)
+    delta_f16 = branch_reference(*(f16[k] for k in ("y", "x", "A", "B")), shape[2]) - f16["y"]
+    # two int8 roundings of at most 1/254 of a slice's largest value each, on sums of r (and K) random terms
+    assert np.abs((out - feeds["y"]) - delta_f16).max() <= 0.03 * np.abs(delta_f16).max()
+    wrong = feeds | {"scale": np.roll(feeds["scale"], 1)}
+    (off,) = branch_session(library, threads, int8=True).run(["out"], wrong)
+    assert np.abs((off - feeds["y"]) - delta_f16).max() > 0.05 * np.abs(delta_f16).max()
+
+
+def test_branch_q8_portable_loop_matches_the_simd_kernel(library, tmp_path):
+    import subprocess
+    import sys
+
+    from olive_lab.kernels import branch_reference_int8
+
+    feeds = {i: q8_feeds(*shape, seed=i) for i, shape in enumerate(BRANCH_SHAPES)}
+    np.savez(tmp_path / "feeds.npz", **{f"{i}_{k}": v for i, f in feeds.items() for k, v in f.items()})
+    script = f"""
+import numpy as np
+from pathlib import Path
+from olive_lab.kernels import branch_session
+s = branch_session(Path({str(library)!r}), int8=True)
+d = np.load({str(tmp_path / "feeds.npz")!r})
+names = ("y", "x", "A", "B", "scale", "parts")
+outs = {{str(i): s.run(["out"], {{k: d[f"{{i}}_{{k}}"] for k in names}})[0] for i in range({len(feeds)})}}
+np.savez({str(tmp_path / "out.npz")!r}, **outs)
+"""
+    env = {**__import__("os").environ, "OLIVE_LAB_KERNELS_PORTABLE": "1"}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=Path(__file__).parents[1])
+    outs = np.load(tmp_path / "out.npz")
+    for i, shape in enumerate(BRANCH_SHAPES):
+        f = feeds[i]
+        ref = branch_reference_int8(f["y"], f["x"], f["A"], f["B"], f["scale"], shape[2])
+        assert np.abs(outs[str(i)] - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_branch_q8_rank_zero_returns_y_and_a_scale_that_does_not_fit_is_one_error(library):
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+    from olive_lab.kernels import branch_session
+
+    session = branch_session(library, int8=True)
+    feeds = q8_feeds(4, 64, (64, 32), 16)
+    idle = feeds | {"A": np.zeros((64, 0), np.int8), "B": np.zeros((0, 96), np.int8), "scale": np.zeros(0, np.float32)}
+    assert np.array_equal(session.run(["out"], idle)[0], feeds["y"])
+    with pytest.raises(
+        InvalidArgument, match=re.escape("LoraBranchQ8: scale [31] must be [32], one factor per column")
+    ):
+        session.run(["out"], feeds | {"scale": feeds["scale"][:31]})
+
+
 def test_branch_shapes_that_do_not_fit_are_one_error_from_the_kernel(branch_op):
     from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 

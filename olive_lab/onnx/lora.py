@@ -313,6 +313,7 @@ FUSED_DOMAIN = "olive_lab"  # the custom-op domain of olive_lab/kernels (liboliv
 FUSED_OP = "LoraResident"
 SWIGLU_OP = "LoraResidentSwiGlu"  # FUSED_OP with the packed gate/up activation folded in: see fuse_swiglu
 BRANCH_OP = "LoraBranch"  # layout "fused" on the CPU: see fuse_branches
+BRANCH_Q8_OP = "LoraBranchQ8"  # BRANCH_OP with int8 A and B and a scale per column of A (olive_lab.kernels)
 
 
 def graph_with_readers(model_path: Path):
