@@ -21,6 +21,7 @@ from olive_lab.kernels import LIBRARY, build, op_error, op_session
 from olive_lab.onnx.export import build_onnx
 from olive_lab.onnx.lora import (
     BRANCH_OP,
+    BRANCH_Q8_OP,
     FUSED_DOMAIN,
     FUSED_OP,
     RESIDENT_MASK,
@@ -739,13 +740,14 @@ def cpu_builds(tiny_base, tiny_adapters, tmp_path_factory) -> dict[str, Path]:
     fp32 = dict(precision="int4", block_size=GROUP, accuracy_level=4, execution_provider="cpu")
     for layout in ("fused", "branches"):
         build_onnx(tiny_base, root / layout, tiny_adapters, **fp32, lora_layout=layout)
+    build_onnx(tiny_base, root / "fused_int8", tiny_adapters, **fp32, lora_layout="fused", adapter_dtype="int8")
     (root / "branches_f16").mkdir()
     (root / "branches_f16" / "model").symlink_to(root / "branches" / "model")
     (root / "branches_f16" / "adapters").mkdir()
     for path in (root / "branches" / "adapters").glob("*.onnx_adapter"):
         values = {k: v.astype(F16).astype(np.float32) for k, v in read_adapter(path).items()}
         write_adapter(values, root / "branches_f16" / "adapters" / path.name)
-    return {layout: root / layout for layout in ("fused", "branches", "branches_f16")}
+    return {layout: root / layout for layout in ("fused", "branches", "branches_f16", "fused_int8")}
 
 
 def greedy_tokens(root: Path, names: list[str]) -> list[list[int]]:
@@ -781,7 +783,7 @@ def test_fused_layout_logits_follow_the_branches_layout(cpu_builds):
     rounding; against branches' float32 adapter, to float16 rounding of the adapter."""
     from olive_lab.onnx.check import OnnxLM
 
-    lms = {layout: OnnxLM(root / "model") for layout, root in cpu_builds.items()}
+    lms = {layout: OnnxLM(root / "model") for layout, root in cpu_builds.items() if layout != "fused_int8"}
     for adapter in sorted((cpu_builds["fused"] / "adapters").glob("*.onnx_adapter")):
         values = {layout: read_adapter(root / "adapters" / adapter.name) for layout, root in cpu_builds.items()}
         fused = lms["fused"].logits(IDS, values["fused"])
@@ -826,6 +828,42 @@ def test_fused_graph_has_one_branch_op_per_slot(cpu_builds):
     heads, kv = config["decoder"]["num_attention_heads"], config["decoder"]["num_key_value_heads"]
     head = config["decoder"]["head_size"]
     assert parts["model.layers.0.attn.qkv_proj.lora_parts"] == [heads * head, kv * head, kv * head]
+
+
+def test_int8_adapters_follow_the_float32_adapter_at_half_the_bytes(cpu_builds):
+    """optimize.adapter_dtype=int8: LoraBranchQ8 nodes, adapters of int8 A and B plus a float32 scale per column of
+    A, about half of float16's bytes. With no adapter the logits are the float16 model's bit for bit; with each
+    adapter its effect on the logits is within int8 rounding of the float32 adapter's (branches)."""
+    import onnx
+
+    from olive_lab.onnx.check import OnnxLM
+
+    model = onnx.load(str(cpu_builds["fused_int8"] / "model" / "model.onnx"), load_external_data=False)
+    assert Counter(n.op_type for n in model.graph.node)[BRANCH_Q8_OP] == 8
+    lms = {layout: OnnxLM(cpu_builds[layout] / "model") for layout in ("fused_int8", "fused", "branches")}
+    assert np.array_equal(lms["fused_int8"].logits(IDS), lms["fused"].logits(IDS))
+    for adapter in sorted((cpu_builds["fused_int8"] / "adapters").glob("*.onnx_adapter")):
+        int8 = read_adapter(adapter)
+        f16 = read_adapter(cpu_builds["fused"] / "adapters" / adapter.name)
+        assert {v.dtype for k, v in int8.items() if "lora_scale" not in k} == {np.dtype(np.int8)}
+        assert sum(v.nbytes for v in int8.values()) <= 0.6 * sum(v.nbytes for v in f16.values())
+        branches = read_adapter(cpu_builds["branches"] / "adapters" / adapter.name)
+        want, plain = lms["branches"].logits(IDS, branches), lms["branches"].logits(IDS)
+        got = lms["fused_int8"].logits(IDS, int8)
+        effect = np.abs(want - plain).max()
+        assert effect > 0.1 * np.abs(want).max()  # the adapter is applied
+        # int8 rounds a weight by up to 1/254 of its slice's largest: 0.55 % of A @ B here, against float16's 0.03 %;
+        # seen on the logits: 3.6 % of the adapter's largest effect, 2.6 % of its RMS (float16: 0.5 % of the largest)
+        err = got - want
+        assert np.abs(err).max() <= 0.06 * effect
+        assert np.sqrt(np.mean(err**2)) <= 0.04 * np.sqrt(np.mean((want - plain) ** 2))
+
+
+def test_int8_adapters_are_refused_outside_the_cpu_fused_layout(tiny_base, tiny_adapters, tmp_path):
+    with pytest.raises(StageError, match=re.escape("optimize.adapter_dtype=int8 is for optimize.lora_layout=fused on the CPU")):  # fmt: skip
+        build_onnx(tiny_base, tmp_path / "x", tiny_adapters, precision="int4", block_size=GROUP,
+                   execution_provider="cpu", lora_layout="branches", adapter_dtype="int8")  # fmt: skip
+    assert not (tmp_path / "x").exists()
 
 
 def test_fused_layout_on_phi3s_fused_modules(tmp_path):
