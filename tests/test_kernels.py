@@ -7,6 +7,7 @@ kernel's input/output/shape queries, CreateStatus through the error paths), exce
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shutil
@@ -582,32 +583,49 @@ def test_branch_op_split_over_two_threads_matches_numpy(library, shape):
         assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max(), threads
 
 
-def test_branch_op_portable_loop_matches_the_simd_kernel(library, tmp_path):
-    """OLIVE_LAB_KERNELS_PORTABLE=1 (read once per process, so in a child) runs the plain C++ loop, which serves
-    CPUs without AVX/FMA/F16C and non-x86 hosts: the same results to float32 rounding."""
+ISAS = {"portable": (), "avx2": ("avx", "avx2", "fma", "f16c"), "avx512": ("avx512f", "avx512bw", "avx512vl")}
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["float16", "int8"])
+def test_branch_op_kernels_for_each_isa_match_numpy(library, tmp_path, int8):
+    """OLIVE_LAB_KERNELS_ISA (read once per process, so each in a child) runs the portable C++ loop (CPUs without
+    AVX2 and non-x86 hosts), the 8-wide AVX2 kernel or the 16-wide AVX-512 one: each to float32 rounding of numpy.
+    Their sums run in different orders, so each ISA's output differs in some bits from the others': an ISA that
+    silently ran another's kernel would not."""
     import subprocess
     import sys
 
-    from olive_lab.kernels import branch_reference
+    from olive_lab.kernels import branch_reference, branch_reference_int8
 
-    feeds = {i: branch_feeds(*shape, seed=i) for i, shape in enumerate(BRANCH_SHAPES)}
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    isas = [isa for isa, needs in ISAS.items() if all(f in flags for f in needs)]
+    make = q8_feeds if int8 else branch_feeds
+    names = ("y", "x", "A", "B", "scale", "parts") if int8 else ("y", "x", "A", "B", "parts")
+    feeds = {i: make(*shape, seed=i) for i, shape in enumerate(BRANCH_SHAPES)}
     np.savez(tmp_path / "feeds.npz", **{f"{i}_{k}": v for i, f in feeds.items() for k, v in f.items()})
-    script = f"""
+    outs = {}
+    for isa in isas:
+        script = f"""
 import numpy as np
 from pathlib import Path
 from olive_lab.kernels import branch_session
-s = branch_session(Path({str(library)!r}))
+s = branch_session(Path({str(library)!r}), int8={int8})
 d = np.load({str(tmp_path / "feeds.npz")!r})
-outs = {{str(i): s.run(["out"], {{k: d[f"{{i}}_{{k}}"] for k in ("y", "x", "A", "B", "parts")}})[0] for i in range({len(feeds)})}}
-np.savez({str(tmp_path / "out.npz")!r}, **outs)
+outs = {{str(i): s.run(["out"], {{k: d[f"{{i}}_{{k}}"] for k in {names!r}}})[0] for i in range({len(feeds)})}}
+np.savez({str(tmp_path / f"out-{isa}.npz")!r}, **outs)
 """
-    env = {**__import__("os").environ, "OLIVE_LAB_KERNELS_PORTABLE": "1"}
-    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=Path(__file__).parents[1])
-    outs = np.load(tmp_path / "out.npz")
-    for i, shape in enumerate(BRANCH_SHAPES):
-        f = feeds[i]
-        ref = branch_reference(f["y"], f["x"], f["A"], f["B"], shape[2])
-        assert np.abs(outs[str(i)] - ref).max() <= 1e-5 * np.abs(ref).max()
+        env = {**__import__("os").environ, "OLIVE_LAB_KERNELS_ISA": isa}
+        subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=Path(__file__).parents[1])
+        outs[isa] = np.load(tmp_path / f"out-{isa}.npz")
+        for i, shape in enumerate(BRANCH_SHAPES):
+            f = feeds[i]
+            if int8:
+                ref = branch_reference_int8(f["y"], f["x"], f["A"], f["B"], f["scale"], shape[2])
+            else:
+                ref = branch_reference(f["y"], f["x"], f["A"], f["B"], shape[2])
+            assert np.abs(outs[isa][str(i)] - ref).max() <= 1e-5 * np.abs(ref).max(), (isa, shape)
+    for one, other in itertools.combinations(isas, 2):
+        assert any(not np.array_equal(outs[one][k], outs[other][k]) for k in outs[one].files), (one, other)
 
 
 def test_branch_op_with_rank_zero_returns_y(branch_op):
@@ -645,33 +663,6 @@ def test_branch_q8_op_matches_numpy_and_the_float16_adapter_it_quantizes(library
     wrong = feeds | {"scale": np.roll(feeds["scale"], 1)}
     (off,) = branch_session(library, threads, int8=True).run(["out"], wrong)
     assert np.abs((off - feeds["y"]) - delta_f16).max() > 0.05 * np.abs(delta_f16).max()
-
-
-def test_branch_q8_portable_loop_matches_the_simd_kernel(library, tmp_path):
-    import subprocess
-    import sys
-
-    from olive_lab.kernels import branch_reference_int8
-
-    feeds = {i: q8_feeds(*shape, seed=i) for i, shape in enumerate(BRANCH_SHAPES)}
-    np.savez(tmp_path / "feeds.npz", **{f"{i}_{k}": v for i, f in feeds.items() for k, v in f.items()})
-    script = f"""
-import numpy as np
-from pathlib import Path
-from olive_lab.kernels import branch_session
-s = branch_session(Path({str(library)!r}), int8=True)
-d = np.load({str(tmp_path / "feeds.npz")!r})
-names = ("y", "x", "A", "B", "scale", "parts")
-outs = {{str(i): s.run(["out"], {{k: d[f"{{i}}_{{k}}"] for k in names}})[0] for i in range({len(feeds)})}}
-np.savez({str(tmp_path / "out.npz")!r}, **outs)
-"""
-    env = {**__import__("os").environ, "OLIVE_LAB_KERNELS_PORTABLE": "1"}
-    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=Path(__file__).parents[1])
-    outs = np.load(tmp_path / "out.npz")
-    for i, shape in enumerate(BRANCH_SHAPES):
-        f = feeds[i]
-        ref = branch_reference_int8(f["y"], f["x"], f["A"], f["B"], f["scale"], shape[2])
-        assert np.abs(outs[str(i)] - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
 def test_branch_q8_rank_zero_returns_y_and_a_scale_that_does_not_fit_is_one_error(library):

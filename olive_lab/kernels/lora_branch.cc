@@ -14,8 +14,9 @@
 // own r rows of x @ A) and both matrices are float16, a third of the bytes (the size llama.cpp's float16 adapters
 // have), in one op instead of ORT's three nodes.
 //
-// The kernel reads A and B once per row, in order, with 8-wide float32 FMAs on float16 loads (AVX, FMA and F16C,
-// chosen at run time; a portable loop otherwise, or with OLIVE_LAB_KERNELS_PORTABLE=1, which the tests compare).
+// The kernel reads A and B once per row, in order, with float32 FMAs on float16 (or int8) loads: 16-wide with
+// AVX-512, 8-wide with AVX2, FMA and F16C, chosen at run time; a portable loop otherwise. OLIVE_LAB_KERNELS_ISA picks
+// one of them, which the tests compare.
 // The work is split over ORT's intra-op threads (KernelContext_ParallelFor, ORT >= 1.17).
 #include <stddef.h>
 #include <stdint.h>
@@ -32,6 +33,10 @@
 #include <immintrin.h>
 #define OLIVE_LAB_X86 1
 #endif
+
+// Loops over a template constant, unrolled so that their accumulator arrays live in registers (GCC otherwise keeps
+// acc[U][V] on the stack, and every FMA waits on a store and a load).
+#define OLIVE_LAB_UNROLL _Pragma("GCC unroll 16")
 
 namespace {
 
@@ -91,12 +96,15 @@ OLIVE_LAB_SIMD inline __m256 load8(const int8_t* p) {
 template <int V, typename W>
 OLIVE_LAB_SIMD void down_block(const float* x, const W* A, int64_t K, int64_t stride, float* t) {
   __m256 acc[V];
+  OLIVE_LAB_UNROLL
   for (int v = 0; v < V; ++v) acc[v] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
     const __m256 xk = _mm256_broadcast_ss(x + k);
     const W* a = A + k * stride;
+    OLIVE_LAB_UNROLL
     for (int v = 0; v < V; ++v) acc[v] = _mm256_fmadd_ps(xk, load8(a + 8 * v), acc[v]);
   }
+  OLIVE_LAB_UNROLL
   for (int v = 0; v < V; ++v) _mm256_storeu_ps(t + 8 * v, acc[v]);
 }
 
@@ -104,12 +112,15 @@ OLIVE_LAB_SIMD void down_block(const float* x, const W* A, int64_t K, int64_t st
 template <int V, typename W>
 OLIVE_LAB_SIMD void up_block(const float* y, const float* t, const W* B, int64_t r, int64_t stride, float* out) {
   __m256 acc[V];
+  OLIVE_LAB_UNROLL
   for (int v = 0; v < V; ++v) acc[v] = _mm256_loadu_ps(y + 8 * v);
   for (int64_t i = 0; i < r; ++i) {
     const __m256 ti = _mm256_broadcast_ss(t + i);
     const W* b = B + i * stride;
+    OLIVE_LAB_UNROLL
     for (int v = 0; v < V; ++v) acc[v] = _mm256_fmadd_ps(ti, load8(b + 8 * v), acc[v]);
   }
+  OLIVE_LAB_UNROLL
   for (int v = 0; v < V; ++v) _mm256_storeu_ps(out + 8 * v, acc[v]);
 }
 
@@ -158,24 +169,140 @@ OLIVE_LAB_SIMD void up_simd(const BranchShape& s, const float* y, const float* t
   }
 }
 
-bool simd_available() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-         __builtin_cpu_supports("f16c");
+// 16-wide: the same two halves with AVX-512 (F, BW and VL, for the masked 16-bit and 8-bit loads). A block's last
+// vector is masked, so any width runs in vectors. x @ A keeps U sets of accumulators over interleaved rows of A, so
+// that at least 8 FMA chains are in flight whatever the block's width (a rank-16 slot of one part has one vector of
+// columns: one chain would wait on the FMA latency at every row); their sum is the same rows in another order.
+#define OLIVE_LAB_AVX512 __attribute__((target("avx,avx2,fma,f16c,avx512f,avx512bw,avx512vl")))
+
+OLIVE_LAB_AVX512 inline __m512 load16(const uint16_t* p, __mmask16 m) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+}
+OLIVE_LAB_AVX512 inline __m512 load16(const int8_t* p, __mmask16 m) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
+}
+
+// The lane masks of V vectors that cover `width` columns (16 (V - 1) < width <= 16 V).
+template <int V>
+inline void lane_masks(int64_t width, __mmask16* mask) {
+  OLIVE_LAB_UNROLL
+  for (int v = 0; v < V; ++v) {
+    const int64_t left = width - 16 * v;
+    mask[v] = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+  }
+}
+
+template <int V, int U, typename W>
+OLIVE_LAB_AVX512 void down_block16(const float* x, const W* A, int64_t K, int64_t stride, int64_t width, float* t) {
+  __mmask16 mask[V];
+  lane_masks<V>(width, mask);
+  __m512 acc[U][V];
+  OLIVE_LAB_UNROLL
+  for (int u = 0; u < U; ++u)
+    OLIVE_LAB_UNROLL
+    for (int v = 0; v < V; ++v) acc[u][v] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + U <= K; k += U)
+    OLIVE_LAB_UNROLL
+    for (int u = 0; u < U; ++u) {
+      const __m512 xk = _mm512_set1_ps(x[k + u]);
+      const W* a = A + (k + u) * stride;
+      OLIVE_LAB_UNROLL
+      for (int v = 0; v < V; ++v) acc[u][v] = _mm512_fmadd_ps(xk, load16(a + 16 * v, mask[v]), acc[u][v]);
+    }
+  for (; k < K; ++k) {
+    const __m512 xk = _mm512_set1_ps(x[k]);
+    OLIVE_LAB_UNROLL
+    for (int v = 0; v < V; ++v) acc[0][v] = _mm512_fmadd_ps(xk, load16(A + k * stride + 16 * v, mask[v]), acc[0][v]);
+  }
+  OLIVE_LAB_UNROLL
+  for (int u = 1; u < U; ++u)
+    OLIVE_LAB_UNROLL
+    for (int v = 0; v < V; ++v) acc[0][v] = _mm512_add_ps(acc[0][v], acc[u][v]);
+  OLIVE_LAB_UNROLL
+  for (int v = 0; v < V; ++v) _mm512_mask_storeu_ps(t + 16 * v, mask[v], acc[0][v]);
+}
+
+template <int V, typename W>
+OLIVE_LAB_AVX512 void up_block16(const float* y, const float* t, const W* B, int64_t r, int64_t stride, int64_t width,
+                                 float* out) {
+  __mmask16 mask[V];
+  lane_masks<V>(width, mask);
+  __m512 acc[V];
+  OLIVE_LAB_UNROLL
+  for (int v = 0; v < V; ++v) acc[v] = _mm512_maskz_loadu_ps(mask[v], y + 16 * v);
+  for (int64_t i = 0; i < r; ++i) {
+    const __m512 ti = _mm512_set1_ps(t[i]);
+    const W* b = B + i * stride;
+    OLIVE_LAB_UNROLL
+    for (int v = 0; v < V; ++v) acc[v] = _mm512_fmadd_ps(ti, load16(b + 16 * v, mask[v]), acc[v]);
+  }
+  OLIVE_LAB_UNROLL
+  for (int v = 0; v < V; ++v) _mm512_mask_storeu_ps(out + 16 * v, mask[v], acc[v]);
+}
+
+template <typename W>
+OLIVE_LAB_AVX512 void down_avx512(const BranchShape& s, const float* x, const W* A, int64_t k0, int64_t k1, float* t) {
+  const int64_t R = s.P * s.r, K = k1 - k0;
+  x += k0, A += k0 * R;
+  int64_t j = 0;
+  for (; j + 64 <= R; j += 64) down_block16<4, 2>(x, A + j, K, R, 64, t + j);
+  switch ((R - j + 15) / 16) {  // the rest: 1-63 columns
+    case 3: down_block16<3, 3>(x, A + j, K, R, R - j, t + j); break;
+    case 2: down_block16<2, 4>(x, A + j, K, R, R - j, t + j); break;
+    case 1: down_block16<1, 8>(x, A + j, K, R, R - j, t + j); break;
+    default: break;
+  }
+}
+
+template <typename W>
+OLIVE_LAB_AVX512 void up_avx512(const BranchShape& s, const float* y, const float* t, const W* B, int64_t n0,
+                                int64_t n1, float* out) {
+  int64_t c = 0;
+  for (int64_t p = 0; p < s.P; c += s.widths[p++]) {
+    const int64_t begin = c > n0 ? c : n0, end = c + s.widths[p] < n1 ? c + s.widths[p] : n1;
+    if (begin >= end) continue;
+    const float* tp = t + p * s.r;
+    int64_t n = begin;
+    for (; n + 128 <= end; n += 128) up_block16<8>(y + n, tp, B + n, s.r, s.N, 128, out + n);
+    const int64_t left = end - n;
+    switch ((left + 15) / 16) {
+      case 7: up_block16<7>(y + n, tp, B + n, s.r, s.N, left, out + n); break;
+      case 6: up_block16<6>(y + n, tp, B + n, s.r, s.N, left, out + n); break;
+      case 5: up_block16<5>(y + n, tp, B + n, s.r, s.N, left, out + n); break;
+      case 4: up_block16<4>(y + n, tp, B + n, s.r, s.N, left, out + n); break;
+      case 3: up_block16<3>(y + n, tp, B + n, s.r, s.N, left, out + n); break;
+      case 2: up_block16<2>(y + n, tp, B + n, s.r, s.N, left, out + n); break;
+      case 1: up_block16<1>(y + n, tp, B + n, s.r, s.N, left, out + n); break;
+      default: break;
+    }
+  }
 }
 #endif
 
-// Chosen once per process: the SIMD kernel where the CPU has it, unless OLIVE_LAB_KERNELS_PORTABLE=1.
-bool use_simd() {
+// The kernels a process runs, chosen once: the widest the CPU has, or OLIVE_LAB_KERNELS_ISA=portable|avx2|avx512
+// (the tests run each and compare them; asking for more than the CPU has falls back to what it has).
+enum class Isa { kPortable, kAvx2, kAvx512 };
+
+Isa isa() {
+  static const Isa chosen = [] {
+    Isa best = Isa::kPortable;
 #ifdef OLIVE_LAB_X86
-  static const bool simd = [] {
-    const char* portable = getenv("OLIVE_LAB_KERNELS_PORTABLE");
-    return !(portable && strcmp(portable, "1") == 0) && simd_available();
-  }();
-  return simd;
-#else
-  return false;
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c")) {
+      best = Isa::kAvx2;
+      if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+          __builtin_cpu_supports("avx512vl"))
+        best = Isa::kAvx512;
+    }
 #endif
+    const char* asked = getenv("OLIVE_LAB_KERNELS_ISA");
+    if (asked && strcmp(asked, "portable") == 0) return Isa::kPortable;
+    if (asked && strcmp(asked, "avx2") == 0 && best != Isa::kPortable) return Isa::kAvx2;
+    return best;
+  }();
+  return chosen;
 }
 
 // One op call, split over ORT's intra-op thread pool where that pays (KernelContext_ParallelFor runs the tasks
@@ -195,11 +322,12 @@ struct Run {
   float* out;
   float* t;  // rows > 1: [M, R]; one row: [slices + 1, R], the partial sums then their total
   int64_t slices;
-  bool simd;
+  Isa isa;
 
   void down(const float* xm, int64_t k0, int64_t k1, float* tm) const {
 #ifdef OLIVE_LAB_X86
-    if (simd) return down_simd(*s, xm, A, k0, k1, tm);
+    if (isa == Isa::kAvx512) return down_avx512(*s, xm, A, k0, k1, tm);
+    if (isa == Isa::kAvx2) return down_simd(*s, xm, A, k0, k1, tm);
 #endif
     down_portable(*s, xm, A, k0, k1, tm);
   }
@@ -209,7 +337,8 @@ struct Run {
   }
   void up(const float* ym, const float* tm, int64_t n0, int64_t n1, float* om) const {
 #ifdef OLIVE_LAB_X86
-    if (simd) return up_simd(*s, ym, tm, B, n0, n1, om);
+    if (isa == Isa::kAvx512) return up_avx512(*s, ym, tm, B, n0, n1, om);
+    if (isa == Isa::kAvx2) return up_simd(*s, ym, tm, B, n0, n1, om);
 #endif
     up_portable(*s, ym, tm, B, n0, n1, om);
   }
@@ -247,7 +376,7 @@ ort::Status* run(const ort::Api* api, const ort::KernelContext* context, const B
   auto parallel = ort::entry<ort::Status* (*)(const ort::KernelContext*, void (*)(void*, size_t), size_t, size_t,
                                               void*)>(api, ort::KernelContext_ParallelFor);
   const int64_t R = s.P * s.r;
-  Run<W> job{&s, y, x, A, B, scale, out, nullptr, 1, use_simd()};
+  Run<W> job{&s, y, x, A, B, scale, out, nullptr, 1, isa()};
   if (s.M > 1) {
     std::vector<float> t(size_t(s.M * R));
     job.t = t.data();
