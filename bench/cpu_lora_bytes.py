@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 from datetime import date
 from pathlib import Path
@@ -200,6 +201,8 @@ def main() -> None:
     result = {
         "date": str(date.today()),
         "machine": {"cpu": cpu_name(), "isa": cpu_isa()},
+        # the LoraBranch kernels' ISA: the widest the CPU has unless OLIVE_LAB_KERNELS_ISA names one
+        "kernel_isa": os.environ.get("OLIVE_LAB_KERNELS_ISA", "widest"),
         "size": args.size,
         "threads": args.threads,
         "rounds": args.rounds,

@@ -583,13 +583,13 @@ def test_branch_op_split_over_two_threads_matches_numpy(library, shape):
         assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max(), threads
 
 
-ISAS = {"portable": (), "avx2": ("avx", "avx2", "fma", "f16c"), "avx512": ("avx512f", "avx512bw", "avx512vl")}
+ISAS = {"portable": (), "avx": ("avx", "fma", "f16c"), "avx512": ("avx512f", "avx512bw", "avx512vl")}
 
 
 @pytest.mark.parametrize("int8", [False, True], ids=["float16", "int8"])
 def test_branch_op_kernels_for_each_isa_match_numpy(library, tmp_path, int8):
     """OLIVE_LAB_KERNELS_ISA (read once per process, so each in a child) runs the portable C++ loop (CPUs without
-    AVX2 and non-x86 hosts), the 8-wide AVX2 kernel or the 16-wide AVX-512 one: each to float32 rounding of numpy.
+    AVX, FMA and F16C, and non-x86 hosts), the 8-wide AVX kernel or the 16-wide AVX-512 one: each to float32 rounding of numpy.
     Their sums run in different orders, so each ISA's output differs in some bits from the others': an ISA that
     silently ran another's kernel would not."""
     import subprocess

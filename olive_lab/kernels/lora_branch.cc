@@ -15,7 +15,7 @@
 // have), in one op instead of ORT's three nodes.
 //
 // The kernel reads A and B once per row, in order, with float32 FMAs on float16 (or int8) loads: 16-wide with
-// AVX-512, 8-wide with AVX2, FMA and F16C, chosen at run time; a portable loop otherwise. OLIVE_LAB_KERNELS_ISA picks
+// AVX-512, 8-wide with AVX, FMA and F16C, chosen at run time; a portable loop otherwise. OLIVE_LAB_KERNELS_ISA picks
 // one of them, which the tests compare.
 // The work is split over ORT's intra-op threads (KernelContext_ParallelFor, ORT >= 1.17).
 #include <stddef.h>
@@ -83,13 +83,17 @@ void up_portable(const BranchShape& s, const float* y, const float* t, const W* 
 }
 
 #ifdef OLIVE_LAB_X86
-#define OLIVE_LAB_SIMD __attribute__((target("avx,avx2,fma,f16c")))
+// AVX without AVX2 is enough (hosts like that run the benches: README "By model size"), so int8 widens in two halves.
+#define OLIVE_LAB_SIMD __attribute__((target("avx,fma,f16c")))
 
 OLIVE_LAB_SIMD inline __m256 load8(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 OLIVE_LAB_SIMD inline __m256 load8(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  const __m256i wide = _mm256_insertf128_si256(_mm256_castsi128_si256(_mm_cvtepi8_epi32(q)),
+                                               _mm_cvtepi8_epi32(_mm_srli_si128(q, 4)), 1);
+  return _mm256_cvtepi32_ps(wide);
 }
 
 // t[0:8V] = x @ A[:, 0:8V] for one row x; A's rows are `stride` weights apart. V accumulators stay in registers.
@@ -280,18 +284,18 @@ OLIVE_LAB_AVX512 void up_avx512(const BranchShape& s, const float* y, const floa
 }
 #endif
 
-// The kernels a process runs, chosen once: the widest the CPU has, or OLIVE_LAB_KERNELS_ISA=portable|avx2|avx512
+// The kernels a process runs, chosen once: the widest the CPU has, or OLIVE_LAB_KERNELS_ISA=portable|avx|avx512
 // (the tests run each and compare them; asking for more than the CPU has falls back to what it has).
-enum class Isa { kPortable, kAvx2, kAvx512 };
+enum class Isa { kPortable, kAvx, kAvx512 };
 
 Isa isa() {
   static const Isa chosen = [] {
     Isa best = Isa::kPortable;
 #ifdef OLIVE_LAB_X86
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+    if (__builtin_cpu_supports("avx") && __builtin_cpu_supports("fma") &&
         __builtin_cpu_supports("f16c")) {
-      best = Isa::kAvx2;
+      best = Isa::kAvx;
       if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
           __builtin_cpu_supports("avx512vl"))
         best = Isa::kAvx512;
@@ -299,7 +303,7 @@ Isa isa() {
 #endif
     const char* asked = getenv("OLIVE_LAB_KERNELS_ISA");
     if (asked && strcmp(asked, "portable") == 0) return Isa::kPortable;
-    if (asked && strcmp(asked, "avx2") == 0 && best != Isa::kPortable) return Isa::kAvx2;
+    if (asked && strcmp(asked, "avx") == 0 && best != Isa::kPortable) return Isa::kAvx;
     return best;
   }();
   return chosen;
@@ -327,7 +331,7 @@ struct Run {
   void down(const float* xm, int64_t k0, int64_t k1, float* tm) const {
 #ifdef OLIVE_LAB_X86
     if (isa == Isa::kAvx512) return down_avx512(*s, xm, A, k0, k1, tm);
-    if (isa == Isa::kAvx2) return down_simd(*s, xm, A, k0, k1, tm);
+    if (isa == Isa::kAvx) return down_simd(*s, xm, A, k0, k1, tm);
 #endif
     down_portable(*s, xm, A, k0, k1, tm);
   }
@@ -338,7 +342,7 @@ struct Run {
   void up(const float* ym, const float* tm, int64_t n0, int64_t n1, float* om) const {
 #ifdef OLIVE_LAB_X86
     if (isa == Isa::kAvx512) return up_avx512(*s, ym, tm, B, n0, n1, om);
-    if (isa == Isa::kAvx2) return up_simd(*s, ym, tm, B, n0, n1, om);
+    if (isa == Isa::kAvx) return up_simd(*s, ym, tm, B, n0, n1, om);
 #endif
     up_portable(*s, ym, tm, B, n0, n1, om);
   }

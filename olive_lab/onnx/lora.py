@@ -40,7 +40,7 @@ RESIDENT_DATA = "lora_adapters.onnx.data"  # layout "resident": the stacked adap
 # read by one LoraBranch node per slot (README, "Adapters on the CPU")
 PARAM_LAYOUTS = ("auto", *LAYOUTS)
 # optimize.adapter_dtype: the CPU fused layout's adapter weights (int8: half the bytes an active adapter reads per
-# token, LoraBranchQ8; bench/results/2026-12-07-cpu-lora-bytes-135m.json)
+# token, LoraBranchQ8; bench/results/2026-12-07-cpu-lora-bytes-135m-int8.json)
 ADAPTER_DTYPES = ("float16", "int8")
 
 
