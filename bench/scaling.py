@@ -100,7 +100,8 @@ def fits(conf: dict) -> str | None:
     return None
 
 
-def build(size: str, work: Path, block_size: int | None = None, lora_layout: str | None = None) -> dict:
+def build(size: str, work: Path, block_size: int | None = None, lora_layout: str | None = None,
+          adapter_dtype: str = "float16") -> dict:  # fmt: skip
     """The HF folder, the ORT model with its adapter, the Q4_0 GGUF and the LoRA GGUF of one size (cached). With
     `block_size` or `lora_layout`, the ORT model uses that int4 block or LoRA layout instead of params.yaml's (its own
     folder; the rest is shared)."""
@@ -115,6 +116,7 @@ def build(size: str, work: Path, block_size: int | None = None, lora_layout: str
     opt = yaml.safe_load((ROOT / "params.yaml").read_text())["optimize"]
     layout = resolve_layout(lora_layout or opt["lora_layout"], "cpu")
     suffix = ("" if block_size is None else f"-b{block_size}") + ("" if lora_layout is None else f"-{layout}")
+    suffix += "" if adapter_dtype == "float16" else f"-{adapter_dtype}"
     state_file = root / f"state{suffix}.json"
     if state_file.exists():
         return json.loads(state_file.read_text())
@@ -133,7 +135,7 @@ def build(size: str, work: Path, block_size: int | None = None, lora_layout: str
         print(f"[{size}] ONNX int4, block {block} (the optimize stage's builder call)", flush=True)
         build_onnx(base, onnx_dir, {"adapter": peft_dir}, precision=opt["precision"], block_size=block,
                    accuracy_level=int(opt["accuracy_level"]), execution_provider="cpu", lm_head=opt["lm_head"],
-                   lora_layout=layout)  # fmt: skip
+                   lora_layout=layout, adapter_dtype=adapter_dtype)  # fmt: skip
     seconds["onnx"] = round(time.time() - start, 1)
     start = time.time()
     q4_0 = root / "model-q4_0.gguf"
@@ -145,6 +147,7 @@ def build(size: str, work: Path, block_size: int | None = None, lora_layout: str
     lora = lora_gguf(peft_dir, hf_config, root / "lora.gguf")
     seconds["gguf"] = round(time.time() - start, 1)
     state = {"size": size, "base": str(base), "onnx": str(onnx_dir), "ort_block_size": block, "lora_layout": layout,
+             "adapter_dtype": adapter_dtype,
              "q4_0": str(q4_0), "lora": str(lora), "build_seconds": seconds}  # fmt: skip
     state_file.write_text(json.dumps(state, indent=2))
     return state
@@ -341,6 +344,7 @@ def measure(state: dict, threads: int, rounds: int, new_tokens: int, profile: bo
         "params_b": round(param_count({**hf_config}) / 1e9, 3),
         "ort_block_size": state.get("ort_block_size", 32),
         "lora_layout": state.get("lora_layout", "branches"),
+        "adapter_dtype": state.get("adapter_dtype", "float16"),
         "dims": SIZES[size],
         "ratio": {
             "no_adapter": round(decode["ort_base"] / decode["llama_q4_0"], 2),
@@ -446,6 +450,8 @@ def main() -> None:
     parser.add_argument("--no-profile", action="store_true", help="skip ORT's per-op profile of a decode step")
     parser.add_argument("--block-size", type=int, default=None, help="ORT's int4 block (default: params.yaml's)")
     parser.add_argument("--lora-layout", default=None, help="ORT's LoRA layout (default: params.yaml's, for the CPU)")
+    parser.add_argument("--adapter-dtype", default="float16", choices=("float16", "int8"),
+                        help="ORT's adapter weights with --lora-layout fused (optimize.adapter_dtype)")  # fmt: skip
     args = parser.parse_args()
     wanted = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in SIZES]
@@ -462,7 +468,7 @@ def main() -> None:
             print(f"[{size}] skipped: {reason}", flush=True)
             continue
         try:
-            states[size] = build(size, args.work, args.block_size, args.lora_layout)
+            states[size] = build(size, args.work, args.block_size, args.lora_layout, args.adapter_dtype)
         except StageError as exc:
             raise SystemExit(f"[{size}] {exc}") from None
     for size, state in states.items():

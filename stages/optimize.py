@@ -12,7 +12,7 @@ from olive_lab.device import check_device
 from olive_lab.files import read_jsonl, write_json
 from olive_lab.onnx.build import LM_HEADS, PRECISIONS
 from olive_lab.onnx.export import check_inputs, export_and_check
-from olive_lab.onnx.lora import PARAM_LAYOUTS
+from olive_lab.onnx.lora import ADAPTER_DTYPES, PARAM_LAYOUTS
 from olive_lab.params import check_params, load_params, require
 
 # Checked before any model is read: a bad value stops the stage in one line naming the key.
@@ -22,6 +22,7 @@ PARAMS = {
     "optimize.accuracy_level": (0, 1, 2, 3, 4),
     "optimize.lm_head": LM_HEADS,
     "optimize.lora_layout": PARAM_LAYOUTS,
+    "optimize.adapter_dtype": ADAPTER_DTYPES,
     "optimize.cuda_graph": "bool",
     "optimize.eval_rows": "int>0|null",
     "evaluate.max_seq_len": "int>0",

@@ -7,6 +7,7 @@ kernel's input/output/shape queries, CreateStatus through the error paths), exce
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shutil
@@ -21,6 +22,7 @@ from olive_lab.kernels import LIBRARY, build, op_error, op_session
 from olive_lab.onnx.export import build_onnx
 from olive_lab.onnx.lora import (
     BRANCH_OP,
+    BRANCH_Q8_OP,
     FUSED_DOMAIN,
     FUSED_OP,
     RESIDENT_MASK,
@@ -581,32 +583,49 @@ def test_branch_op_split_over_two_threads_matches_numpy(library, shape):
         assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max(), threads
 
 
-def test_branch_op_portable_loop_matches_the_simd_kernel(library, tmp_path):
-    """OLIVE_LAB_KERNELS_PORTABLE=1 (read once per process, so in a child) runs the plain C++ loop, which serves
-    CPUs without AVX/FMA/F16C and non-x86 hosts: the same results to float32 rounding."""
+ISAS = {"portable": (), "avx": ("avx", "fma", "f16c"), "avx512": ("avx512f", "avx512bw", "avx512vl")}
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["float16", "int8"])
+def test_branch_op_kernels_for_each_isa_match_numpy(library, tmp_path, int8):
+    """OLIVE_LAB_KERNELS_ISA (read once per process, so each in a child) runs the portable C++ loop (CPUs without
+    AVX, FMA and F16C, and non-x86 hosts), the 8-wide AVX kernel or the 16-wide AVX-512 one: each to float32 rounding of numpy.
+    Their sums run in different orders, so each ISA's output differs in some bits from the others': an ISA that
+    silently ran another's kernel would not."""
     import subprocess
     import sys
 
-    from olive_lab.kernels import branch_reference
+    from olive_lab.kernels import branch_reference, branch_reference_int8
 
-    feeds = {i: branch_feeds(*shape, seed=i) for i, shape in enumerate(BRANCH_SHAPES)}
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    isas = [isa for isa, needs in ISAS.items() if all(f in flags for f in needs)]
+    make = q8_feeds if int8 else branch_feeds
+    names = ("y", "x", "A", "B", "scale", "parts") if int8 else ("y", "x", "A", "B", "parts")
+    feeds = {i: make(*shape, seed=i) for i, shape in enumerate(BRANCH_SHAPES)}
     np.savez(tmp_path / "feeds.npz", **{f"{i}_{k}": v for i, f in feeds.items() for k, v in f.items()})
-    script = f"""
+    outs = {}
+    for isa in isas:
+        script = f"""
 import numpy as np
 from pathlib import Path
 from olive_lab.kernels import branch_session
-s = branch_session(Path({str(library)!r}))
+s = branch_session(Path({str(library)!r}), int8={int8})
 d = np.load({str(tmp_path / "feeds.npz")!r})
-outs = {{str(i): s.run(["out"], {{k: d[f"{{i}}_{{k}}"] for k in ("y", "x", "A", "B", "parts")}})[0] for i in range({len(feeds)})}}
-np.savez({str(tmp_path / "out.npz")!r}, **outs)
+outs = {{str(i): s.run(["out"], {{k: d[f"{{i}}_{{k}}"] for k in {names!r}}})[0] for i in range({len(feeds)})}}
+np.savez({str(tmp_path / f"out-{isa}.npz")!r}, **outs)
 """
-    env = {**__import__("os").environ, "OLIVE_LAB_KERNELS_PORTABLE": "1"}
-    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=Path(__file__).parents[1])
-    outs = np.load(tmp_path / "out.npz")
-    for i, shape in enumerate(BRANCH_SHAPES):
-        f = feeds[i]
-        ref = branch_reference(f["y"], f["x"], f["A"], f["B"], shape[2])
-        assert np.abs(outs[str(i)] - ref).max() <= 1e-5 * np.abs(ref).max()
+        env = {**__import__("os").environ, "OLIVE_LAB_KERNELS_ISA": isa}
+        subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=Path(__file__).parents[1])
+        outs[isa] = np.load(tmp_path / f"out-{isa}.npz")
+        for i, shape in enumerate(BRANCH_SHAPES):
+            f = feeds[i]
+            if int8:
+                ref = branch_reference_int8(f["y"], f["x"], f["A"], f["B"], f["scale"], shape[2])
+            else:
+                ref = branch_reference(f["y"], f["x"], f["A"], f["B"], shape[2])
+            assert np.abs(outs[isa][str(i)] - ref).max() <= 1e-5 * np.abs(ref).max(), (isa, shape)
+    for one, other in itertools.combinations(isas, 2):
+        assert any(not np.array_equal(outs[one][k], outs[other][k]) for k in outs[one].files), (one, other)
 
 
 def test_branch_op_with_rank_zero_returns_y(branch_op):
@@ -615,6 +634,50 @@ def test_branch_op_with_rank_zero_returns_y(branch_op):
     feeds |= {"A": np.zeros((64, 0), F16), "B": np.zeros((0, 96), F16)}
     (out,) = branch_op.run(["out"], feeds)
     assert np.array_equal(out, feeds["y"])
+
+
+def q8_feeds(rows: int, k: int, parts: tuple[int, ...], r: int, seed: int = 0) -> dict[str, np.ndarray]:
+    from olive_lab.kernels import quantize_branch_int8
+
+    feeds = branch_feeds(rows, k, parts, r, seed)
+    qa, qb, scale = quantize_branch_int8(feeds["A"], feeds["B"], parts)
+    return {"y": feeds["y"], "x": feeds["x"], "A": qa, "B": qb, "scale": scale, "parts": feeds["parts"]}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [*BRANCH_SHAPES, (1, 2048, (2048, 512, 512), 16), (1, 8192, (2048,), 16)])
+def test_branch_q8_op_matches_numpy_and_the_float16_adapter_it_quantizes(library, shape, threads):
+    """LoraBranchQ8 computes its own int8 inputs' sum exactly (to float32 rounding), split over threads or not, and
+    stays within int8 rounding of LoraBranch on the float16 adapter it was made from: a scale applied to the wrong
+    columns, or per part where it is per row, is far off both."""
+    from olive_lab.kernels import branch_reference, branch_reference_int8, branch_session
+
+    feeds = q8_feeds(*shape)
+    (out,) = branch_session(library, threads, int8=True).run(["out"], feeds)
+    ref = branch_reference_int8(*(feeds[k] for k in ("y", "x", "A", "B", "scale")), shape[2])
+    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+    f16 = branch_feeds(*shape)
+    delta_f16 = branch_reference(*(f16[k] for k in ("y", "x", "A", "B")), shape[2]) - f16["y"]
+    # two int8 roundings of at most 1/254 of a slice's largest value each, on sums of r (and K) random terms
+    assert np.abs((out - feeds["y"]) - delta_f16).max() <= 0.03 * np.abs(delta_f16).max()
+    wrong = feeds | {"scale": np.roll(feeds["scale"], 1)}
+    (off,) = branch_session(library, threads, int8=True).run(["out"], wrong)
+    assert np.abs((off - feeds["y"]) - delta_f16).max() > 0.05 * np.abs(delta_f16).max()
+
+
+def test_branch_q8_rank_zero_returns_y_and_a_scale_that_does_not_fit_is_one_error(library):
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+    from olive_lab.kernels import branch_session
+
+    session = branch_session(library, int8=True)
+    feeds = q8_feeds(4, 64, (64, 32), 16)
+    idle = feeds | {"A": np.zeros((64, 0), np.int8), "B": np.zeros((0, 96), np.int8), "scale": np.zeros(0, np.float32)}
+    assert np.array_equal(session.run(["out"], idle)[0], feeds["y"])
+    with pytest.raises(
+        InvalidArgument, match=re.escape("LoraBranchQ8: scale [31] must be [32], one factor per column")
+    ):
+        session.run(["out"], feeds | {"scale": feeds["scale"][:31]})
 
 
 def test_branch_shapes_that_do_not_fit_are_one_error_from_the_kernel(branch_op):
@@ -668,13 +731,14 @@ def cpu_builds(tiny_base, tiny_adapters, tmp_path_factory) -> dict[str, Path]:
     fp32 = dict(precision="int4", block_size=GROUP, accuracy_level=4, execution_provider="cpu")
     for layout in ("fused", "branches"):
         build_onnx(tiny_base, root / layout, tiny_adapters, **fp32, lora_layout=layout)
+    build_onnx(tiny_base, root / "fused_int8", tiny_adapters, **fp32, lora_layout="fused", adapter_dtype="int8")
     (root / "branches_f16").mkdir()
     (root / "branches_f16" / "model").symlink_to(root / "branches" / "model")
     (root / "branches_f16" / "adapters").mkdir()
     for path in (root / "branches" / "adapters").glob("*.onnx_adapter"):
         values = {k: v.astype(F16).astype(np.float32) for k, v in read_adapter(path).items()}
         write_adapter(values, root / "branches_f16" / "adapters" / path.name)
-    return {layout: root / layout for layout in ("fused", "branches", "branches_f16")}
+    return {layout: root / layout for layout in ("fused", "branches", "branches_f16", "fused_int8")}
 
 
 def greedy_tokens(root: Path, names: list[str]) -> list[list[int]]:
@@ -710,7 +774,7 @@ def test_fused_layout_logits_follow_the_branches_layout(cpu_builds):
     rounding; against branches' float32 adapter, to float16 rounding of the adapter."""
     from olive_lab.onnx.check import OnnxLM
 
-    lms = {layout: OnnxLM(root / "model") for layout, root in cpu_builds.items()}
+    lms = {layout: OnnxLM(root / "model") for layout, root in cpu_builds.items() if layout != "fused_int8"}
     for adapter in sorted((cpu_builds["fused"] / "adapters").glob("*.onnx_adapter")):
         values = {layout: read_adapter(root / "adapters" / adapter.name) for layout, root in cpu_builds.items()}
         fused = lms["fused"].logits(IDS, values["fused"])
@@ -755,6 +819,42 @@ def test_fused_graph_has_one_branch_op_per_slot(cpu_builds):
     heads, kv = config["decoder"]["num_attention_heads"], config["decoder"]["num_key_value_heads"]
     head = config["decoder"]["head_size"]
     assert parts["model.layers.0.attn.qkv_proj.lora_parts"] == [heads * head, kv * head, kv * head]
+
+
+def test_int8_adapters_follow_the_float32_adapter_at_half_the_bytes(cpu_builds):
+    """optimize.adapter_dtype=int8: LoraBranchQ8 nodes, adapters of int8 A and B plus a float32 scale per column of
+    A, about half of float16's bytes. With no adapter the logits are the float16 model's bit for bit; with each
+    adapter its effect on the logits is within int8 rounding of the float32 adapter's (branches)."""
+    import onnx
+
+    from olive_lab.onnx.check import OnnxLM
+
+    model = onnx.load(str(cpu_builds["fused_int8"] / "model" / "model.onnx"), load_external_data=False)
+    assert Counter(n.op_type for n in model.graph.node)[BRANCH_Q8_OP] == 8
+    lms = {layout: OnnxLM(cpu_builds[layout] / "model") for layout in ("fused_int8", "fused", "branches")}
+    assert np.array_equal(lms["fused_int8"].logits(IDS), lms["fused"].logits(IDS))
+    for adapter in sorted((cpu_builds["fused_int8"] / "adapters").glob("*.onnx_adapter")):
+        int8 = read_adapter(adapter)
+        f16 = read_adapter(cpu_builds["fused"] / "adapters" / adapter.name)
+        assert {v.dtype for k, v in int8.items() if "lora_scale" not in k} == {np.dtype(np.int8)}
+        assert sum(v.nbytes for v in int8.values()) <= 0.6 * sum(v.nbytes for v in f16.values())
+        branches = read_adapter(cpu_builds["branches"] / "adapters" / adapter.name)
+        want, plain = lms["branches"].logits(IDS, branches), lms["branches"].logits(IDS)
+        got = lms["fused_int8"].logits(IDS, int8)
+        effect = np.abs(want - plain).max()
+        assert effect > 0.1 * np.abs(want).max()  # the adapter is applied
+        # int8 rounds a weight by up to 1/254 of its slice's largest: 0.55 % of A @ B here, against float16's 0.03 %;
+        # seen on the logits: 3.6 % of the adapter's largest effect, 2.6 % of its RMS (float16: 0.5 % of the largest)
+        err = got - want
+        assert np.abs(err).max() <= 0.06 * effect
+        assert np.sqrt(np.mean(err**2)) <= 0.04 * np.sqrt(np.mean((want - plain) ** 2))
+
+
+def test_int8_adapters_are_refused_outside_the_cpu_fused_layout(tiny_base, tiny_adapters, tmp_path):
+    with pytest.raises(StageError, match=re.escape("optimize.adapter_dtype=int8 is for optimize.lora_layout=fused on the CPU")):  # fmt: skip
+        build_onnx(tiny_base, tmp_path / "x", tiny_adapters, precision="int4", block_size=GROUP,
+                   execution_provider="cpu", lora_layout="branches", adapter_dtype="int8")  # fmt: skip
+    assert not (tmp_path / "x").exists()
 
 
 def test_fused_layout_on_phi3s_fused_modules(tmp_path):

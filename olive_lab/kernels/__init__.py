@@ -176,22 +176,26 @@ def op_error(session, rows: int, k: int, n: int, r: int, active: tuple[int, int]
     }
 
 
-def branch_session(library: Path, threads: int = 1):
+def branch_session(library: Path, threads: int = 1, int8: bool = False):
     """An ORT session (CPU, `threads` intra-op threads) of one LoraBranch node: inputs y, x (float32), A, B
-    (float16), parts (int64); output out. For checks, tests and the bench."""
+    (float16), parts (int64); output out. `int8`: a LoraBranchQ8 node, A and B int8 and a float32 scale [R] between
+    B and parts. For checks, tests and the bench."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from olive_lab.onnx.lora import BRANCH_OP, FUSED_DOMAIN
+    from olive_lab.onnx.lora import BRANCH_OP, BRANCH_Q8_OP, FUSED_DOMAIN
 
+    weights = TensorProto.INT8 if int8 else TensorProto.FLOAT16
     inputs = [
         helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", "N"]),
         helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", "K"]),
-        helper.make_tensor_value_info("A", TensorProto.FLOAT16, ["K", "R"]),
-        helper.make_tensor_value_info("B", TensorProto.FLOAT16, ["r", "N"]),
+        helper.make_tensor_value_info("A", weights, ["K", "R"]),
+        helper.make_tensor_value_info("B", weights, ["r", "N"]),
+        *([helper.make_tensor_value_info("scale", TensorProto.FLOAT, ["R"])] if int8 else []),
         helper.make_tensor_value_info("parts", TensorProto.INT64, ["P"]),
     ]
-    node = helper.make_node(BRANCH_OP, [i.name for i in inputs], ["out"], domain=FUSED_DOMAIN)
+    op = BRANCH_Q8_OP if int8 else BRANCH_OP
+    node = helper.make_node(op, [i.name for i in inputs], ["out"], domain=FUSED_DOMAIN)
     graph = helper.make_graph(
         [node], "lora_branch", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["rows", "N"])]
     )
@@ -202,6 +206,46 @@ def branch_session(library: Path, threads: int = 1):
     options.register_custom_ops_library(str(library))
     options.intra_op_num_threads = threads
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def quantize_branch_int8(a, b, widths):
+    """LoraBranchQ8's inputs from LoraBranch's (A [K, P * r], B [r, N], the parts' widths): A int8 per column and B
+    int8 per row of each part's block of columns, symmetric. Column j of A and row j % r of part j // r's block of B
+    both scale t[j] (t = x @ A), so their two factors meet in one scale [P * r]. Returns (A int8, B int8, scale)."""
+    import numpy as np
+
+    def symmetric(w, axis):  # int8 and the factor per slice along `axis`; an all-zero slice gets factor 1
+        factor = np.abs(w).max(axis=axis, keepdims=True) / 127
+        factor[factor == 0] = 1
+        return np.clip(np.rint(w / factor), -127, 127).astype(np.int8), factor
+
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    r = b.shape[0]
+    qa, scale_a = symmetric(a, 0)
+    qb = np.empty(b.shape, np.int8)
+    scale = scale_a.reshape(-1).copy()
+    col = 0
+    for p, width in enumerate(widths):
+        qb[:, col : col + width], scale_b = symmetric(b[:, col : col + width], 1)
+        scale[p * r : (p + 1) * r] *= scale_b.reshape(-1)
+        col += width
+    return qa, qb, scale.astype(np.float32)
+
+
+def branch_reference_int8(y, x, qa, qb, scale, parts):
+    """LoraBranchQ8 in float32 numpy: LoraBranch's sum with t scaled."""
+    import numpy as np
+
+    r = qb.shape[0]
+    out = y.astype(np.float32).copy()
+    if r == 0:
+        return out
+    t = (x.astype(np.float32) @ qa.astype(np.float32)) * scale
+    col = 0
+    for p, width in enumerate(parts):
+        out[..., col : col + width] += t[..., p * r : (p + 1) * r] @ qb[:, col : col + width].astype(np.float32)
+        col += width
+    return out
 
 
 def branch_reference(y, x, a, b, parts):

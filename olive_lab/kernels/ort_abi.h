@@ -26,7 +26,7 @@ struct ShapeInferContext;
 
 constexpr uint32_t kApiVersion = 17;
 enum ErrorCode { kOk = 0, kFail = 1, kInvalidArgument = 2 };
-enum ElementType { kFloat = 1, kInt64 = 7, kFloat16 = 10 };
+enum ElementType { kFloat = 1, kInt8 = 3, kInt64 = 7, kFloat16 = 10 };
 enum Characteristic { kRequired = 0 };
 enum MemType { kDefaultMemory = 0 };
 

@@ -85,6 +85,7 @@ def build_onnx(
     lora_layout: str = "branches",
     cuda_graph: bool = False,
     builder_extra: dict | None = None,
+    adapter_dtype: str = "float16",
 ) -> dict:
     """Build `out_dir`/model (ORT GenAI) and `out_dir`/adapters/<name>.onnx_adapter for each PEFT folder.
 
@@ -93,6 +94,11 @@ def build_onnx(
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     adapters = {name: Path(path) for name, path in adapters.items()}
     config = check_inputs(hf_dir, adapters)
+    if adapter_dtype == "int8" and (lora_layout != "fused" or execution_provider == "cuda"):
+        raise StageError(
+            f"params.yaml: optimize.adapter_dtype=int8 is for optimize.lora_layout=fused on the CPU (LoraBranchQ8), "
+            f"not lora_layout={lora_layout} on {execution_provider}: set optimize.adapter_dtype=float16"
+        )
     if execution_provider == "cuda" and cuda_graph and lora_layout == "switch" and adapters:
         raise StageError(
             "params.yaml: optimize.lora_layout=switch adds an If node, which ORT cannot capture in a CUDA graph: "
@@ -136,7 +142,9 @@ def build_onnx(
         # step), on the CPU they stay files, as float16 with packed B matrices
         files_fused = lora_layout == "fused" and execution_provider != "cuda"
         values = {
-            name: peft_to_inputs(folder, slots, switch=lora_layout == "switch", packed=files_fused)
+            name: peft_to_inputs(
+                folder, slots, switch=lora_layout == "switch", packed=files_fused, int8=adapter_dtype == "int8"
+            )  # fmt: skip
             for name, folder in adapters.items()
         }
         if lora_layout in ("resident", "fused") and not files_fused and adapters:
@@ -147,7 +155,12 @@ def build_onnx(
             from olive_lab.kernels import attach, library_for
 
             if files_fused:
-                log.info("fused LoRA: %d slots as olive_lab.LoraBranch", fuse_branches(model_dir / "model.onnx", slots))
+                fused = fuse_branches(model_dir / "model.onnx", slots, int8=adapter_dtype == "int8")
+                log.info(
+                    "fused LoRA: %d slots as olive_lab.%s",
+                    fused,
+                    "LoraBranchQ8" if adapter_dtype == "int8" else "LoraBranch",
+                )
             else:
                 log.info("fused LoRA: %d slots as olive_lab.LoraResident", fuse_resident(model_dir / "model.onnx"))
                 swiglu = fuse_swiglu(model_dir / "model.onnx")
@@ -246,6 +259,7 @@ def export_and_check(
         lora_layout=layout,
         cuda_graph=bool(opt.get("cuda_graph", False)),
         builder_extra=builder_extra,
+        adapter_dtype=opt.get("adapter_dtype", "float16"),
     )
     perf = {"build_seconds": info.pop("build_seconds")}
     log.info("built %s in %.0f s (%.1f MB)", out, perf["build_seconds"], info["model_mb"])

@@ -39,6 +39,9 @@ RESIDENT_DATA = "lora_adapters.onnx.data"  # layout "resident": the stacked adap
 # on CUDA the resident layout with one LoraResident node per slot, on the CPU adapter files of float16 A and packed B
 # read by one LoraBranch node per slot (README, "Adapters on the CPU")
 PARAM_LAYOUTS = ("auto", *LAYOUTS)
+# optimize.adapter_dtype: the CPU fused layout's adapter weights (int8: half the bytes an active adapter reads per
+# token, LoraBranchQ8; bench/results/2026-12-07-cpu-lora-bytes-135m-int8.json)
+ADAPTER_DTYPES = ("float16", "int8")
 
 
 def resolve_layout(layout: str, execution_provider: str) -> str:
@@ -70,6 +73,10 @@ class LoraSlot:
     @property
     def b(self) -> str:
         return f"{self.name}.lora_B.weight"
+
+    @property
+    def scale(self) -> str:  # LoraBranchQ8's factor per column of A (optimize.adapter_dtype=int8)
+        return f"{self.name}.lora_scale"
 
 
 def part_widths(hf_config: dict, proj: str, fused_in_hf: bool = False) -> tuple[tuple[str, ...], tuple[int, ...]]:
@@ -313,6 +320,7 @@ FUSED_DOMAIN = "olive_lab"  # the custom-op domain of olive_lab/kernels (liboliv
 FUSED_OP = "LoraResident"
 SWIGLU_OP = "LoraResidentSwiGlu"  # FUSED_OP with the packed gate/up activation folded in: see fuse_swiglu
 BRANCH_OP = "LoraBranch"  # layout "fused" on the CPU: see fuse_branches
+BRANCH_Q8_OP = "LoraBranchQ8"  # BRANCH_OP with int8 A and B and a scale per column of A (olive_lab.kernels)
 
 
 def graph_with_readers(model_path: Path):
@@ -443,12 +451,14 @@ def fuse_swiglu(model_path: Path) -> int:
     return len(rewritten)
 
 
-def fuse_branches(model_path: Path, slots: list[LoraSlot]) -> int:
+def fuse_branches(model_path: Path, slots: list[LoraSlot], int8: bool = False) -> int:
     """Layout "fused" on the CPU: each slot's branch (MatMul A, MatMul B, Add) of an add_lora_inputs model as one
     olive_lab.LoraBranch node, whose adapter inputs become float16 with B [rank, out] (peft_to_inputs(packed=True))
     instead of float32 with a block-diagonal B: a third of the bytes decoding reads per token, in one op instead of
-    three. The slot's part widths are an int64 initializer, `<slot>.lora_parts`. Rewrites `model_path` in place;
-    returns the number of slots fused. The model then needs the kernel library (genai_config's custom_ops_library)."""
+    three. The slot's part widths are an int64 initializer, `<slot>.lora_parts`. `int8`: olive_lab.LoraBranchQ8
+    nodes instead, A and B int8 and one more input, `<slot>.lora_scale` [rank] (peft_to_inputs(int8=True)). Rewrites
+    `model_path` in place; returns the number of slots fused. The model then needs the kernel library
+    (genai_config's custom_ops_library)."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -467,23 +477,28 @@ def fuse_branches(model_path: Path, slots: list[LoraSlot]) -> int:
         base_out = add.input[0] if add.input[1] == up.output[0] else add.input[1]
         parts = f"{slot.name}.lora_parts"
         fused_at[add.name] = helper.make_node(
-            BRANCH_OP, [base_out, down.input[0], slot.a, slot.b, parts], [add.output[0]],
+            BRANCH_Q8_OP if int8 else BRANCH_OP,
+            [base_out, down.input[0], slot.a, slot.b, *([slot.scale] if int8 else []), parts], [add.output[0]],
             name=add.name.rsplit("/", 1)[0] + "/Fused", domain=FUSED_DOMAIN,
         )  # fmt: skip
+        if int8:  # its default, like A's and B's: rank 0, no adapter
+            graph.input.append(helper.make_tensor_value_info(slot.scale, TensorProto.FLOAT, [f"{slot.name}.rank"]))
+            graph.initializer.append(helper.make_tensor(slot.scale, TensorProto.FLOAT, [0], []))
         dropped |= {down.name, up.name}
         graph.initializer.append(helper.make_tensor(parts, TensorProto.INT64, [len(slot.widths)], list(slot.widths)))
     body = [fused_at.get(n.name, n) for n in graph.node if n.name not in dropped]
     graph.ClearField("node")
     graph.node.extend(body)
-    for value in graph.input:  # the adapter inputs: float16, B with one block of rows
+    weights = TensorProto.INT8 if int8 else TensorProto.FLOAT16
+    for value in graph.input:  # the adapter inputs: float16 (or int8), B with one block of rows
         if slot := by_slot.get(value.name):
             n = sum(slot.widths)
             shape = [slot.in_features, f"{slot.name}.rank"] if value.name == slot.a else [f"{slot.name}.part_rank", n]
-            value.CopyFrom(helper.make_tensor_value_info(value.name, TensorProto.FLOAT16, shape))
+            value.CopyFrom(helper.make_tensor_value_info(value.name, weights, shape))
     for tensor in graph.initializer:  # their defaults, rank 0: no adapter
         if slot := by_slot.get(tensor.name):
             dims = list(tensor.dims)
-            tensor.CopyFrom(helper.make_tensor(tensor.name, TensorProto.FLOAT16, dims, []))
+            tensor.CopyFrom(helper.make_tensor(tensor.name, weights, dims, []))
     if fused_at and not any(o.domain == FUSED_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(FUSED_DOMAIN, 1))
     onnx.save(model, str(model_path))
@@ -516,14 +531,17 @@ def _read_peft(adapter_dir: Path) -> tuple[dict, dict[tuple[int, str, str], np.n
 
 
 def peft_to_inputs(
-    adapter_dir: Path, slots: list[LoraSlot], switch: bool = False, packed: bool = False
+    adapter_dir: Path, slots: list[LoraSlot], switch: bool = False, packed: bool = False, int8: bool = False
 ) -> dict[str, np.ndarray]:
     """The adapter's weights as values for every LoRA input of the graph (PEFT scaling folded into B).
 
     Every slot gets a value, rank 0 where the adapter does not touch it, so each adapter file names every input.
     `packed` (fuse_branches' graph): float16, A [in, parts x rank] with every part's block (zeros for a part the
-    adapter skips) and B [rank, out], each part's columns reading its own block of x @ A.
+    adapter skips) and B [rank, out], each part's columns reading its own block of x @ A. With `int8` (packed
+    only, fuse_branches(int8=True)): A and B int8 and `<slot>.lora_scale` (olive_lab.kernels.quantize_branch_int8).
     """
+    if int8 and not packed:
+        raise ValueError("peft_to_inputs: int8 adapter inputs exist only for the packed (fused CPU) layout")
     config, tensors = _read_peft(adapter_dir)
     r = int(config["r"])
     scaling = config["lora_alpha"] / (r**0.5 if config.get("use_rslora") else r)
@@ -553,6 +571,11 @@ def peft_to_inputs(
             elif packed and used:
                 row += r  # the part's block of A stays zeros, and so do its columns of B
             col += width
+        if int8:
+            from olive_lab.kernels import quantize_branch_int8
+
+            values[slot.a], values[slot.b], values[slot.scale] = quantize_branch_int8(a, b, slot.widths)
+            continue
         dtype = np.float16 if packed else slot.dtype
         values[slot.a], values[slot.b] = a.astype(dtype), b.astype(dtype)
     if switch:
