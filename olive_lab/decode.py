@@ -182,13 +182,17 @@ def set_threads(model_dir: Path, threads: int) -> None:
 
 
 def linked_copy(model_dir: Path, out: Path) -> Path:
-    """An ORT GenAI model folder as symlinks, except a real copy of genai_config.json to edit."""
+    """An ORT GenAI model folder as symlinks, except real copies of genai_config.json (to edit) and of a custom-ops
+    library: ORT GenAI resolves the library's links and loads it only from inside the model folder (or the working
+    directory), so a link to another folder fails in og.Model ("not within an allowed directory")."""
     import shutil
 
     out.mkdir(parents=True, exist_ok=True)
     for f in model_dir.iterdir():
         target = out / f.name
-        if f.name == "genai_config.json":
+        if f.name == "genai_config.json" or f.suffix in (".so", ".dll", ".dylib"):
+            if target.is_symlink():
+                target.unlink()
             shutil.copyfile(f, target)
         elif not target.exists():
             target.symlink_to(f.resolve())

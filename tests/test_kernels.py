@@ -754,6 +754,22 @@ def greedy_tokens(root: Path, names: list[str]) -> list[list[int]]:
     return [ort_greedy(model, adapters, IDS, name, 12, exact=True)[0] for name in [None, *names, None, *names[::-1]]]
 
 
+def test_linked_copy_of_a_fused_model_loads_from_another_working_directory(cpu_builds, tmp_path, monkeypatch):
+    """The benches decode linked copies of model folders. ORT GenAI resolves a custom-ops library's links and loads it
+    only from inside the model folder or the working directory: a copy whose library links to the original (outside
+    both) would fail in og.Model, so linked_copy copies the library and links the rest."""
+    import onnxruntime_genai as og
+
+    from olive_lab.decode import linked_copy
+
+    monkeypatch.chdir(tmp_path)
+    copy = linked_copy(cpu_builds["fused"] / "model", tmp_path / "copy")
+    assert (copy / LIBRARY).is_file() and not (copy / LIBRARY).is_symlink()
+    assert (copy / "model.onnx.data").is_symlink()
+    linked_copy(cpu_builds["fused"] / "model", copy)  # again over the same folder: the library copied anew
+    og.Model(str(copy))
+
+
 def test_fused_layout_is_a_self_contained_ort_genai_model(cpu_builds):
     """build_onnx puts the library in the model folder and names it relatively in genai_config.json; ORT GenAI
     loads it from there, and its greedy tokens (no adapter, each adapter, switching back and forth on one model)
