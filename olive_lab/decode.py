@@ -237,5 +237,10 @@ def cpu_name() -> str:
 def cpu_isa() -> list[str]:
     """The vector extensions MLAS and ggml pick their int4 kernels by: CPU results move with them (no AVX2 on
     2026-12-04's host made ORT's block-32 kernel the slowest part of a 1.7B step)."""
-    flags = (_cpuinfo_field("flags") or "").split()
+    flags = cpu_flags()
     return [f for f in ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni") if f in flags]
+
+
+def cpu_flags() -> set[str]:
+    """Every flag /proc/cpuinfo lists for the first CPU (empty where there is none)."""
+    return set((_cpuinfo_field("flags") or "").split())

@@ -589,15 +589,16 @@ ISAS = {"portable": (), "avx": ("avx", "fma", "f16c"), "avx512": ("avx512f", "av
 @pytest.mark.parametrize("int8", [False, True], ids=["float16", "int8"])
 def test_branch_op_kernels_for_each_isa_match_numpy(library, tmp_path, int8):
     """OLIVE_LAB_KERNELS_ISA (read once per process, so each in a child) runs the portable C++ loop (CPUs without
-    AVX, FMA and F16C, and non-x86 hosts), the 8-wide AVX kernel or the 16-wide AVX-512 one: each to float32 rounding of numpy.
-    Their sums run in different orders, so each ISA's output differs in some bits from the others': an ISA that
-    silently ran another's kernel would not."""
+    AVX, FMA and F16C, and non-x86 hosts), the 8-wide AVX kernel or the 16-wide AVX-512 one: each to float32
+    rounding of numpy. Their sums run in different orders, so each ISA's output differs in some bits from the
+    others': an ISA that silently ran another's kernel would not."""
     import subprocess
     import sys
 
+    from olive_lab.decode import cpu_flags
     from olive_lab.kernels import branch_reference, branch_reference_int8
 
-    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    flags = cpu_flags()
     isas = [isa for isa, needs in ISAS.items() if all(f in flags for f in needs)]
     make = q8_feeds if int8 else branch_feeds
     names = ("y", "x", "A", "B", "scale", "parts") if int8 else ("y", "x", "A", "B", "parts")
@@ -626,6 +627,27 @@ np.savez({str(tmp_path / f"out-{isa}.npz")!r}, **outs)
             assert np.abs(outs[isa][str(i)] - ref).max() <= 1e-5 * np.abs(ref).max(), (isa, shape)
     for one, other in itertools.combinations(isas, 2):
         assert any(not np.array_equal(outs[one][k], outs[other][k]) for k in outs[one].files), (one, other)
+
+
+def test_an_unknown_kernel_isa_is_named_on_stderr(library):
+    """OLIVE_LAB_KERNELS_ISA=avx2 (not a name the library knows) runs the default kernel, and says so in one line
+    instead of measuring it under the name asked for."""
+    import subprocess
+    import sys
+
+    script = f"""
+import numpy as np
+from pathlib import Path
+from olive_lab.kernels import branch_session
+f = {{"y": np.zeros((1, 8), np.float32), "x": np.ones((1, 4), np.float32), "A": np.ones((4, 2), np.float16),
+     "B": np.ones((2, 8), np.float16), "parts": np.array([8], np.int64)}}
+print(branch_session(Path({str(library)!r})).run(["out"], f)[0][0, 0])
+"""
+    env = {**__import__("os").environ, "OLIVE_LAB_KERNELS_ISA": "avx2"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=Path(__file__).parents[1], capture_output=True,
+                          text=True, check=True)  # fmt: skip
+    assert float(done.stdout) == 8.0
+    assert "OLIVE_LAB_KERNELS_ISA=avx2 is not portable, avx or avx512" in done.stderr
 
 
 def test_branch_op_with_rank_zero_returns_y(branch_op):

@@ -20,6 +20,7 @@
 // The work is split over ORT's intra-op threads (KernelContext_ParallelFor, ORT >= 1.17).
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -302,8 +303,12 @@ Isa isa() {
     }
 #endif
     const char* asked = getenv("OLIVE_LAB_KERNELS_ISA");
-    if (asked && strcmp(asked, "portable") == 0) return Isa::kPortable;
-    if (asked && strcmp(asked, "avx") == 0 && best != Isa::kPortable) return Isa::kAvx;
+    if (!asked || !*asked) return best;
+    if (strcmp(asked, "portable") == 0) return Isa::kPortable;
+    if (strcmp(asked, "avx") == 0) return best == Isa::kPortable ? best : Isa::kAvx;
+    if (strcmp(asked, "avx512") != 0)  // a typo would otherwise measure the default kernel under another name
+      fprintf(stderr, "olive_lab.LoraBranch: OLIVE_LAB_KERNELS_ISA=%s is not portable, avx or avx512; running the "
+                      "widest kernel the CPU has\n", asked);
     return best;
   }();
   return chosen;
