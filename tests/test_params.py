@@ -33,3 +33,23 @@ def test_every_task_has_data_and_finetune_settings():
     for task in params["tasks"]:
         assert (ROOT / "data" / f"{task}.jsonl").exists()
         assert task in params["finetune"]["tasks"]
+
+
+def test_the_gpu_scale_params_equal_the_composition_their_script_names(tmp_path, monkeypatch):
+    """bench/gpu/params-phi35-shape.yaml travels to the offline GPU host, which has no Hydra: a conf/ change (a new
+    stage param) must show up in it too, or the stages fail there after a paid-for machine start."""
+    import re
+    import shlex
+
+    monkeypatch.chdir(ROOT)
+    script = (ROOT / "bench/gpu/run_phi35_shape.sh").read_text()
+    command = re.search(
+        r"params-phi35-shape\.yaml params\.yaml\s+# composed with: python -m tools\.params (.+)", script
+    )
+    assert command, "run_phi35_shape.sh no longer says how its params file was composed"
+    out = tmp_path / "params.yaml"
+    compose_params(out, shlex.split(command.group(1)), ROOT / "conf")
+    assert out.read_text() == (ROOT / "bench/gpu/params-phi35-shape.yaml").read_text(), (
+        f"bench/gpu/params-phi35-shape.yaml drifted from conf/: python -m tools.params {command.group(1)} "
+        "--out bench/gpu/params-phi35-shape.yaml"
+    )
