@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 from datetime import date
 from pathlib import Path
 
 from bench.scaling import SIZES, build, cosine, last_logits_ort
 from olive_lab.decode import SPEED_PROMPT, cpu_isa, cpu_name, linked_copy, ort_greedy, set_threads
+from olive_lab.kernels import LIBRARY, kernels_isa
 from olive_lab.kernels import build as build_kernels
 from olive_lab.onnx.lora import read_adapter, write_adapter
 from olive_lab.paths import BENCH_RESULTS
@@ -189,7 +189,7 @@ def main() -> None:
         "date": str(date.today()),
         "machine": {"cpu": cpu_name(), "isa": cpu_isa()},
         # the LoraBranch kernels' ISA: the widest the CPU has unless OLIVE_LAB_KERNELS_ISA names one
-        "kernel_isa": os.environ.get("OLIVE_LAB_KERNELS_ISA", "widest"),
+        "kernel_isa": kernels_isa(model_dir / LIBRARY),  # what the library chose (OLIVE_LAB_KERNELS_ISA or the CPU)
         "size": args.size,
         "threads": args.threads,
         "rounds": args.rounds,

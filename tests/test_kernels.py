@@ -583,15 +583,24 @@ def test_branch_op_split_over_two_threads_matches_numpy(library, shape):
         assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max(), threads
 
 
-ISAS = {"portable": (), "avx": ("avx", "fma", "f16c"), "avx512": ("avx512f", "avx512bw", "avx512vl")}
+ISAS = {
+    "portable": (),
+    "avx": ("avx", "fma", "f16c"),
+    "avx2": ("avx", "avx2", "fma", "f16c"),
+    "avx512": ("avx512f", "avx512bw", "avx512vl"),
+}
+# The same arithmetic in both (only int8's widening instruction differs), so the same bits: the library's own
+# answer (kernels_isa) tells them apart instead
+SAME_BITS = {("avx", "avx2")}
 
 
 @pytest.mark.parametrize("int8", [False, True], ids=["float16", "int8"])
 def test_branch_op_kernels_for_each_isa_match_numpy(library, tmp_path, int8):
     """OLIVE_LAB_KERNELS_ISA (read once per process, so each in a child) runs the portable C++ loop (CPUs without
-    AVX, FMA and F16C, and non-x86 hosts), the 8-wide AVX kernel or the 16-wide AVX-512 one: each to float32
-    rounding of numpy. Their sums run in different orders, so each ISA's output differs in some bits from the
-    others': an ISA that silently ran another's kernel would not."""
+    AVX, FMA and F16C, and non-x86 hosts), the 8-wide AVX or AVX2 kernel or the 16-wide AVX-512 one: each to
+    float32 rounding of numpy, and the library says it ran the one asked for. Their sums run in different orders
+    (but AVX's and AVX2's), so each ISA's output differs in some bits from the others': an ISA that silently ran
+    another's kernel would not."""
     import subprocess
     import sys
 
@@ -609,14 +618,17 @@ def test_branch_op_kernels_for_each_isa_match_numpy(library, tmp_path, int8):
         script = f"""
 import numpy as np
 from pathlib import Path
-from olive_lab.kernels import branch_session
+from olive_lab.kernels import branch_session, kernels_isa
 s = branch_session(Path({str(library)!r}), int8={int8})
 d = np.load({str(tmp_path / "feeds.npz")!r})
 outs = {{str(i): s.run(["out"], {{k: d[f"{{i}}_{{k}}"] for k in {names!r}}})[0] for i in range({len(feeds)})}}
 np.savez({str(tmp_path / f"out-{isa}.npz")!r}, **outs)
+print(kernels_isa(Path({str(library)!r})))
 """
         env = {**__import__("os").environ, "OLIVE_LAB_KERNELS_ISA": isa}
-        subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=Path(__file__).parents[1])
+        done = subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=Path(__file__).parents[1],
+                              capture_output=True, text=True)  # fmt: skip
+        assert done.stdout.split() == [isa], done.stdout
         outs[isa] = np.load(tmp_path / f"out-{isa}.npz")
         for i, shape in enumerate(BRANCH_SHAPES):
             f = feeds[i]
@@ -626,11 +638,32 @@ np.savez({str(tmp_path / f"out-{isa}.npz")!r}, **outs)
                 ref = branch_reference(f["y"], f["x"], f["A"], f["B"], shape[2])
             assert np.abs(outs[isa][str(i)] - ref).max() <= 1e-5 * np.abs(ref).max(), (isa, shape)
     for one, other in itertools.combinations(isas, 2):
+        if (one, other) in SAME_BITS:
+            assert all(np.array_equal(outs[one][k], outs[other][k]) for k in outs[one].files), (one, other)
+            continue
         assert any(not np.array_equal(outs[one][k], outs[other][k]) for k in outs[one].files), (one, other)
 
 
+def test_the_default_kernel_isa_is_the_widest_the_cpu_has(library):
+    """With no OLIVE_LAB_KERNELS_ISA the library picks the last ISA of ISAS whose flags /proc/cpuinfo shows (an AVX2
+    host without AVX-512 gets avx2, whose int8 widening made int8 adapters pay there)."""
+    import os
+    import subprocess
+    import sys
+
+    from olive_lab.decode import cpu_flags
+
+    flags = cpu_flags()
+    widest = [isa for isa, needs in ISAS.items() if all(f in flags for f in needs)][-1]
+    env = {k: v for k, v in os.environ.items() if k != "OLIVE_LAB_KERNELS_ISA"}
+    script = f"from pathlib import Path; from olive_lab.kernels import kernels_isa; print(kernels_isa(Path({str(library)!r})))"
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=Path(__file__).parents[1], capture_output=True,
+                          text=True, check=True)  # fmt: skip
+    assert done.stdout.strip() == widest
+
+
 def test_an_unknown_kernel_isa_is_named_on_stderr(library):
-    """OLIVE_LAB_KERNELS_ISA=avx2 (not a name the library knows) runs the default kernel, and says so in one line
+    """OLIVE_LAB_KERNELS_ISA=avx10 (not a name the library knows) runs the default kernel, and says so in one line
     instead of measuring it under the name asked for."""
     import subprocess
     import sys
@@ -643,11 +676,11 @@ f = {{"y": np.zeros((1, 8), np.float32), "x": np.ones((1, 4), np.float32), "A": 
      "B": np.ones((2, 8), np.float16), "parts": np.array([8], np.int64)}}
 print(branch_session(Path({str(library)!r})).run(["out"], f)[0][0, 0])
 """
-    env = {**__import__("os").environ, "OLIVE_LAB_KERNELS_ISA": "avx2"}
+    env = {**__import__("os").environ, "OLIVE_LAB_KERNELS_ISA": "avx10"}
     done = subprocess.run([sys.executable, "-c", script], env=env, cwd=Path(__file__).parents[1], capture_output=True,
                           text=True, check=True)  # fmt: skip
     assert float(done.stdout) == 8.0
-    assert "OLIVE_LAB_KERNELS_ISA=avx2 is not portable, avx or avx512" in done.stderr
+    assert "OLIVE_LAB_KERNELS_ISA=avx10 is not portable, avx, avx2 or avx512" in done.stderr
 
 
 def test_branch_op_with_rank_zero_returns_y(branch_op):

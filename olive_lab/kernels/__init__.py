@@ -57,6 +57,16 @@ def build(out_dir: Path, cuda: bool = False) -> Path:
     return out
 
 
+def kernels_isa(library: Path) -> str:
+    """The CPU kernels `library` runs in this process: "portable", "avx", "avx2" or "avx512" (the widest the CPU
+    has, or what OLIVE_LAB_KERNELS_ISA asked for), as its LoraBranch ops choose it."""
+    import ctypes
+
+    chosen = ctypes.CDLL(str(library)).olive_lab_kernels_isa
+    chosen.restype = ctypes.c_char_p
+    return chosen().decode()
+
+
 def library_for(execution_provider: str, work_dir: Path) -> Path:
     """The library a model for `execution_provider` needs: built into `work_dir` (g++ for CPU, nvcc for CUDA), or
     for CUDA the prebuilt one $OLIVE_LAB_KERNELS names."""

@@ -15,8 +15,8 @@
 // have), in one op instead of ORT's three nodes.
 //
 // The kernel reads A and B once per row, in order, with float32 FMAs on float16 (or int8) loads: 16-wide with
-// AVX-512, 8-wide with AVX, FMA and F16C, chosen at run time; a portable loop otherwise. OLIVE_LAB_KERNELS_ISA picks
-// one of them, which the tests compare.
+// AVX-512, 8-wide with AVX, FMA and F16C (lora_branch_simd8.h; with AVX2 too, int8 widens in one instruction),
+// chosen at run time; a portable loop otherwise. OLIVE_LAB_KERNELS_ISA picks one of them, which the tests compare.
 // The work is split over ORT's intra-op threads (KernelContext_ParallelFor, ORT >= 1.17).
 #include <stddef.h>
 #include <stdint.h>
@@ -84,95 +84,22 @@ void up_portable(const BranchShape& s, const float* y, const float* t, const W* 
 }
 
 #ifdef OLIVE_LAB_X86
-// AVX without AVX2 is enough (hosts like that run the benches: README "By model size"), so int8 widens in two halves.
+// The 8-wide kernels, twice: AVX without AVX2 is enough for them (hosts like that run the benches: README "By model
+// size"), but without AVX2 int8 widens in two halves, which made int8 adapters no faster than float16 there.
+namespace avx {
 #define OLIVE_LAB_SIMD __attribute__((target("avx,fma,f16c")))
-
-OLIVE_LAB_SIMD inline __m256 load8(const uint16_t* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-OLIVE_LAB_SIMD inline __m256 load8(const int8_t* p) {
-  const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-  const __m256i wide = _mm256_insertf128_si256(_mm256_castsi128_si256(_mm_cvtepi8_epi32(q)),
-                                               _mm_cvtepi8_epi32(_mm_srli_si128(q, 4)), 1);
-  return _mm256_cvtepi32_ps(wide);
-}
-
-// t[0:8V] = x @ A[:, 0:8V] for one row x; A's rows are `stride` weights apart. V accumulators stay in registers.
-template <int V, typename W>
-OLIVE_LAB_SIMD void down_block(const float* x, const W* A, int64_t K, int64_t stride, float* t) {
-  __m256 acc[V];
-  OLIVE_LAB_UNROLL
-  for (int v = 0; v < V; ++v) acc[v] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    const __m256 xk = _mm256_broadcast_ss(x + k);
-    const W* a = A + k * stride;
-    OLIVE_LAB_UNROLL
-    for (int v = 0; v < V; ++v) acc[v] = _mm256_fmadd_ps(xk, load8(a + 8 * v), acc[v]);
-  }
-  OLIVE_LAB_UNROLL
-  for (int v = 0; v < V; ++v) _mm256_storeu_ps(t + 8 * v, acc[v]);
-}
-
-// out[0:8V] = y[0:8V] + t[0:r] @ B[0:r, 0:8V]; B's rows are `stride` weights apart.
-template <int V, typename W>
-OLIVE_LAB_SIMD void up_block(const float* y, const float* t, const W* B, int64_t r, int64_t stride, float* out) {
-  __m256 acc[V];
-  OLIVE_LAB_UNROLL
-  for (int v = 0; v < V; ++v) acc[v] = _mm256_loadu_ps(y + 8 * v);
-  for (int64_t i = 0; i < r; ++i) {
-    const __m256 ti = _mm256_broadcast_ss(t + i);
-    const W* b = B + i * stride;
-    OLIVE_LAB_UNROLL
-    for (int v = 0; v < V; ++v) acc[v] = _mm256_fmadd_ps(ti, load8(b + 8 * v), acc[v]);
-  }
-  OLIVE_LAB_UNROLL
-  for (int v = 0; v < V; ++v) _mm256_storeu_ps(out + 8 * v, acc[v]);
-}
-
-template <typename W>
-OLIVE_LAB_SIMD void down_any(const float* x, const W* A, int64_t K, int64_t stride, int64_t width, float* t) {
-  int64_t j = 0;
-  for (; j + 64 <= width; j += 64) down_block<8>(x, A + j, K, stride, t + j);
-  switch ((width - j) / 8) {  // the rest, one block of 1-7 vectors
-    case 7: down_block<7>(x, A + j, K, stride, t + j); break;
-    case 6: down_block<6>(x, A + j, K, stride, t + j); break;
-    case 5: down_block<5>(x, A + j, K, stride, t + j); break;
-    case 4: down_block<4>(x, A + j, K, stride, t + j); break;
-    case 3: down_block<3>(x, A + j, K, stride, t + j); break;
-    case 2: down_block<2>(x, A + j, K, stride, t + j); break;
-    case 1: down_block<1>(x, A + j, K, stride, t + j); break;
-    default: break;
-  }
-  for (j += (width - j) / 8 * 8; j < width; ++j) {  // columns past the last full vector
-    float sum = 0.f;
-    for (int64_t k = 0; k < K; ++k) sum += x[k] * weight(A[k * stride + j]);
-    t[j] = sum;
-  }
-}
-
-template <typename W>
-OLIVE_LAB_SIMD void down_simd(const BranchShape& s, const float* x, const W* A, int64_t k0, int64_t k1, float* t) {
-  const int64_t R = s.P * s.r;
-  down_any(x + k0, A + k0 * R, k1 - k0, R, R, t);
-}
-
-template <typename W>
-OLIVE_LAB_SIMD void up_simd(const BranchShape& s, const float* y, const float* t, const W* B, int64_t n0, int64_t n1,
-                            float* out) {
-  int64_t c = 0;
-  for (int64_t p = 0; p < s.P; c += s.widths[p++]) {
-    const int64_t begin = c > n0 ? c : n0, end = c + s.widths[p] < n1 ? c + s.widths[p] : n1;
-    const float* tp = t + p * s.r;
-    int64_t n = begin;
-    for (; n + 64 <= end; n += 64) up_block<8>(y + n, tp, B + n, s.r, s.N, out + n);
-    for (; n + 8 <= end; n += 8) up_block<1>(y + n, tp, B + n, s.r, s.N, out + n);
-    for (; n < end; ++n) {
-      float sum = y[n];
-      for (int64_t i = 0; i < s.r; ++i) sum += tp[i] * weight(B[i * s.N + n]);
-      out[n] = sum;
-    }
-  }
-}
+#define OLIVE_LAB_SIMD_AVX2 0
+#include "lora_branch_simd8.h"
+#undef OLIVE_LAB_SIMD
+#undef OLIVE_LAB_SIMD_AVX2
+}  // namespace avx
+namespace avx2 {
+#define OLIVE_LAB_SIMD __attribute__((target("avx,avx2,fma,f16c")))
+#define OLIVE_LAB_SIMD_AVX2 1
+#include "lora_branch_simd8.h"
+#undef OLIVE_LAB_SIMD
+#undef OLIVE_LAB_SIMD_AVX2
+}  // namespace avx2
 
 // 16-wide: the same two halves with AVX-512 (F, BW and VL, for the masked 16-bit and 8-bit loads). A block's last
 // vector is masked, so any width runs in vectors. x @ A keeps U sets of accumulators over interleaved rows of A, so
@@ -285,9 +212,10 @@ OLIVE_LAB_AVX512 void up_avx512(const BranchShape& s, const float* y, const floa
 }
 #endif
 
-// The kernels a process runs, chosen once: the widest the CPU has, or OLIVE_LAB_KERNELS_ISA=portable|avx|avx512
+// The kernels a process runs, chosen once: the widest the CPU has, or OLIVE_LAB_KERNELS_ISA=portable|avx|avx2|avx512
 // (the tests run each and compare them; asking for more than the CPU has falls back to what it has).
-enum class Isa { kPortable, kAvx, kAvx512 };
+enum class Isa { kPortable, kAvx, kAvx2, kAvx512 };
+constexpr const char* kIsaNames[] = {"portable", "avx", "avx2", "avx512"};
 
 Isa isa() {
   static const Isa chosen = [] {
@@ -297,6 +225,7 @@ Isa isa() {
     if (__builtin_cpu_supports("avx") && __builtin_cpu_supports("fma") &&
         __builtin_cpu_supports("f16c")) {
       best = Isa::kAvx;
+      if (__builtin_cpu_supports("avx2")) best = Isa::kAvx2;
       if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
           __builtin_cpu_supports("avx512vl"))
         best = Isa::kAvx512;
@@ -304,11 +233,11 @@ Isa isa() {
 #endif
     const char* asked = getenv("OLIVE_LAB_KERNELS_ISA");
     if (!asked || !*asked) return best;
-    if (strcmp(asked, "portable") == 0) return Isa::kPortable;
-    if (strcmp(asked, "avx") == 0) return best == Isa::kPortable ? best : Isa::kAvx;
-    if (strcmp(asked, "avx512") != 0)  // a typo would otherwise measure the default kernel under another name
-      fprintf(stderr, "olive_lab.LoraBranch: OLIVE_LAB_KERNELS_ISA=%s is not portable, avx or avx512; running the "
-                      "widest kernel the CPU has\n", asked);
+    for (int i = 0; i <= static_cast<int>(Isa::kAvx512); ++i)
+      if (strcmp(asked, kIsaNames[i]) == 0) return static_cast<Isa>(i) < best ? static_cast<Isa>(i) : best;
+    // a typo would otherwise measure the default kernel under another name
+    fprintf(stderr, "olive_lab.LoraBranch: OLIVE_LAB_KERNELS_ISA=%s is not portable, avx, avx2 or avx512; running "
+                    "the widest kernel the CPU has\n", asked);
     return best;
   }();
   return chosen;
@@ -336,7 +265,8 @@ struct Run {
   void down(const float* xm, int64_t k0, int64_t k1, float* tm) const {
 #ifdef OLIVE_LAB_X86
     if (isa == Isa::kAvx512) return down_avx512(*s, xm, A, k0, k1, tm);
-    if (isa == Isa::kAvx) return down_simd(*s, xm, A, k0, k1, tm);
+    if (isa == Isa::kAvx2) return avx2::down_simd(*s, xm, A, k0, k1, tm);
+    if (isa == Isa::kAvx) return avx::down_simd(*s, xm, A, k0, k1, tm);
 #endif
     down_portable(*s, xm, A, k0, k1, tm);
   }
@@ -347,7 +277,8 @@ struct Run {
   void up(const float* ym, const float* tm, int64_t n0, int64_t n1, float* om) const {
 #ifdef OLIVE_LAB_X86
     if (isa == Isa::kAvx512) return up_avx512(*s, ym, tm, B, n0, n1, om);
-    if (isa == Isa::kAvx) return up_simd(*s, ym, tm, B, n0, n1, om);
+    if (isa == Isa::kAvx2) return avx2::up_simd(*s, ym, tm, B, n0, n1, om);
+    if (isa == Isa::kAvx) return avx::up_simd(*s, ym, tm, B, n0, n1, om);
 #endif
     up_portable(*s, ym, tm, B, n0, n1, om);
   }
@@ -525,6 +456,11 @@ const ort::CustomOp kOp = make_op<false>();
 const ort::CustomOp kOpQ8 = make_op<true>();
 
 }  // namespace
+
+// The kernels this process runs ("portable", "avx", "avx2" or "avx512"): for tests and benches, through ctypes.
+extern "C" __attribute__((visibility("default"))) const char* olive_lab_kernels_isa() {
+  return kIsaNames[static_cast<int>(isa())];
+}
 
 ort::Status* add_lora_branch_ops(const ort::Api* api, ort::CustomOpDomain* domain) {
   auto add = ort::entry<ort::Status* (*)(ort::CustomOpDomain*, const ort::CustomOp*)>(api, ort::CustomOpDomain_Add);
