@@ -188,8 +188,9 @@ def main() -> None:
     result = {
         "date": str(date.today()),
         "machine": {"cpu": cpu_name(), "isa": cpu_isa()},
-        # the LoraBranch kernels' ISA: the widest the CPU has unless OLIVE_LAB_KERNELS_ISA names one
-        "kernel_isa": kernels_isa(model_dir / LIBRARY),  # what the library chose (OLIVE_LAB_KERNELS_ISA or the CPU)
+        # the LoraBranch kernels' ISA, as the library chose it: the widest the CPU has unless OLIVE_LAB_KERNELS_ISA
+        # names one
+        "kernel_isa": kernels_isa(model_dir / LIBRARY),
         "size": args.size,
         "threads": args.threads,
         "rounds": args.rounds,

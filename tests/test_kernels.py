@@ -594,6 +594,14 @@ ISAS = {
 SAME_BITS = {("avx", "avx2")}
 
 
+def cpu_isas() -> list[str]:
+    """The ISAs of ISAS this CPU has, narrowest first (/proc/cpuinfo's flags)."""
+    from olive_lab.decode import cpu_flags
+
+    flags = cpu_flags()
+    return [isa for isa, needs in ISAS.items() if all(f in flags for f in needs)]
+
+
 @pytest.mark.parametrize("int8", [False, True], ids=["float16", "int8"])
 def test_branch_op_kernels_for_each_isa_match_numpy(library, tmp_path, int8):
     """OLIVE_LAB_KERNELS_ISA (read once per process, so each in a child) runs the portable C++ loop (CPUs without
@@ -604,11 +612,9 @@ def test_branch_op_kernels_for_each_isa_match_numpy(library, tmp_path, int8):
     import subprocess
     import sys
 
-    from olive_lab.decode import cpu_flags
     from olive_lab.kernels import branch_reference, branch_reference_int8
 
-    flags = cpu_flags()
-    isas = [isa for isa, needs in ISAS.items() if all(f in flags for f in needs)]
+    isas = cpu_isas()
     make = q8_feeds if int8 else branch_feeds
     names = ("y", "x", "A", "B", "scale", "parts") if int8 else ("y", "x", "A", "B", "parts")
     feeds = {i: make(*shape, seed=i) for i, shape in enumerate(BRANCH_SHAPES)}
@@ -651,10 +657,7 @@ def test_the_default_kernel_isa_is_the_widest_the_cpu_has(library):
     import subprocess
     import sys
 
-    from olive_lab.decode import cpu_flags
-
-    flags = cpu_flags()
-    widest = [isa for isa, needs in ISAS.items() if all(f in flags for f in needs)][-1]
+    widest = cpu_isas()[-1]
     env = {k: v for k, v in os.environ.items() if k != "OLIVE_LAB_KERNELS_ISA"}
     script = f"from pathlib import Path; from olive_lab.kernels import kernels_isa; print(kernels_isa(Path({str(library)!r})))"
     done = subprocess.run([sys.executable, "-c", script], env=env, cwd=Path(__file__).parents[1], capture_output=True,
