@@ -174,18 +174,22 @@ def build_variants(root: Path, layouts: tuple[str, ...] = ("plain", "switch")) -
 
     from olive_lab.onnx.export import build_onnx
 
-    opt = yaml.safe_load(Path("params.yaml").read_text())["optimize"]
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    opt = params["optimize"]
+    # the stage's builder options too, so that the plain model differs from the stage's in the LoRA inputs alone
     common = dict(
         precision=opt["precision"],
         block_size=opt["block_size"],
         accuracy_level=opt["accuracy_level"],
         execution_provider="cuda",
         lm_head=opt["lm_head"],
+        builder_extra=params["model"].get("builder_options"),
     )
     adapters = {task: Path("models/adapters") / task for task in TASKS}
     variants = {"pipeline": Path("models/onnx")}
     if "plain" in layouts:
-        build_onnx("models/quantized", root / "plain", {}, **common)
+        # with the stage's cuda_graph, so Phi-3's LongRoPE If becomes a Where here too and the graph can be captured
+        build_onnx("models/quantized", root / "plain", {}, **common, cuda_graph=bool(opt.get("cuda_graph", False)))
         variants["plain"] = root / "plain"
     if "switch" in layouts:
         build_onnx("models/quantized", root / "switch", adapters, **common, lora_layout="switch")
@@ -228,19 +232,24 @@ def measure(result: dict, work: Path, layouts: tuple[str, ...]) -> None:
     print("torch eager:", result["torch_eager_bf16"], flush=True)
     result["ratios"] = ratios(result)
     result["chat"] = scripted_chat(Path("models/onnx"))
-    result["sizes_mb"] = sizes_mb()
+    result["sizes_mb"] = sizes_mb(work)
     result["params_b"] = round(param_count(json.loads(Path("models/quantized/config.json").read_text())) / 1e9, 3)
 
 
-def sizes_mb() -> dict:
+def sizes_mb(work: Path) -> dict:
+    """Sizes on disk. With the `fused` layout on CUDA the adapters' weights are resident in the model (its size less
+    the plain model's, when measure built that) and each .onnx_adapter file holds only the slot masks."""
     from olive_lab.files import dir_size_mb
 
-    return {
+    sizes = {
         "base": dir_size_mb("models/base"),
         "quantized_fake_quant_fp32": dir_size_mb("models/quantized"),
         "onnx_model": dir_size_mb("models/onnx/model"),
         **{f"onnx_adapter_{t}": dir_size_mb(f"models/onnx/adapters/{t}.onnx_adapter") for t in TASKS},
     }
+    if (work / "plain" / "model").is_dir():
+        sizes["onnx_plain_model"] = dir_size_mb(work / "plain" / "model")
+    return sizes
 
 
 def best_pipeline(result: dict) -> tuple[str, dict]:
