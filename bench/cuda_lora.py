@@ -42,6 +42,7 @@ bandwidth measured in the same run (a large device-to-device copy), against the 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -55,11 +56,36 @@ import yaml
 
 from bench.cuda_e2e import NEW_TOKENS, ROUNDS, ort_genai, torch_eager
 from olive_lab.decode import SPEED_PROMPT
+from olive_lab.kernels import LIBRARY, PREBUILT_ENV
 from olive_lab.paths import BENCH_RESULTS
 
 ADAPTERS = ("a", "b")
-KERNELS = Path(".gpu/kernels/libolive_lab_kernels.so")  # `make gpu-kernels`: the `fused` layout's custom op
+# The `fused` layout's custom op: the library $OLIVE_LAB_KERNELS names, as for the pipeline's stages (bench/gpu/env.sh
+# points it at `make gpu-kernels`' build), so an A/B of a branch's kernels measures those kernels
+KERNELS = Path(os.environ.get(PREBUILT_ENV) or ".gpu/kernels/libolive_lab_kernels.so")
 RANK = 16
+
+
+def kernels_digest(library: Path) -> str:
+    """The first 16 hex digits of a kernel library's SHA-256: results name the kernels they measured."""
+    return hashlib.sha256(library.read_bytes()).hexdigest()[:16]
+
+
+def check_kernels(variants: dict[str, str]) -> dict[str, str]:
+    """The kernel library each built variant carries (`attach` copied it into the model folder at build time), by
+    digest; SystemExit if one is not KERNELS, the library this process was told to measure: a folder built before
+    $OLIVE_LAB_KERNELS changed would otherwise measure the old kernels under the new name."""
+    want = kernels_digest(KERNELS)
+    carried = {n: kernels_digest(Path(f) / LIBRARY) for n, f in variants.items() if (Path(f) / LIBRARY).is_file()}
+    stale = [n for n, digest in carried.items() if digest != want]
+    if stale:
+        raise SystemExit(
+            f"{Path(variants[stale[0]]) / LIBRARY}: built with other kernels ({carried[stale[0]]}) than {KERNELS} "
+            f"({want}): build again into a new --work (or remove the old one)"
+        )
+    return carried
+
+
 # SmolLM2-135M-Instruct's config.json, as random weights
 DEFAULT_ARCH = {
     "model_type": "llama",
@@ -351,7 +377,7 @@ def measure_layouts(size: str, work: Path, layouts: list[str], out: Path, with_p
     if missing:
         built = ", ".join(state["variants"])
         raise SystemExit(f"measure-one: {', '.join(missing)} not built for {size} (built: {built})")
-    result: dict = {"ort": {}, "profile": {}}
+    result: dict = {"ort": {}, "profile": {}, "kernels": check_kernels({n: state["variants"][n] for n in layouts})}
     for name in layouts:
         runs = ort_genai(Path(state["variants"][name]), ids, adapter_names(name))
         result["ort"][name] = {k: v for k, v in runs.items() if k != "switching_gives_same_tokens"}
@@ -394,7 +420,7 @@ def kernel_check(out: Path) -> None:
                 for name, shape in shapes.items()}  # fmt: skip
 
     one_launch = sessions()
-    result = {}
+    result: dict = {"library": {"path": str(KERNELS), "sha256_16": kernels_digest(KERNELS)}}
     for name, (k, n, r, active) in shapes.items():
         for rows in (1, 71):
             check = op_error(one_launch[name.endswith("swiglu")], rows, k, n, r, active)
@@ -415,11 +441,14 @@ def kernel_check(out: Path) -> None:
     bad = [
         k
         for k, v in result.items()
-        if v["max_abs_error"] > 2**-10 * v["max_abs"]
-        or v["max_abs_error"] > v["onnx_nodes_max_abs_error"]
-        or not v.get("no_adapter_returns_y", v.get("no_adapter_is_swiglu_of_y"))
-        or not v["same_output_twice"]
-        or not v.get("one_launch_equals_two", True)
+        if k != "library"
+        and (
+            v["max_abs_error"] > 2**-10 * v["max_abs"]
+            or v["max_abs_error"] > v["onnx_nodes_max_abs_error"]
+            or not v.get("no_adapter_returns_y", v.get("no_adapter_is_swiglu_of_y"))
+            or not v["same_output_twice"]
+            or not v.get("one_launch_equals_two", True)
+        )
     ]
     if bad:
         raise SystemExit(f"kernel-check: LoraResident fails its check at {', '.join(bad)} (see {out})")
@@ -587,6 +616,7 @@ def ab(size: str, work: Path, arms: dict[str, dict], repeats: int, out: Path, ex
             }
             for layout in layouts
         },
+        "kernels": {arm: runs[0].get("kernels") for arm, runs in runs_of.items()},
         "profile": {arm: runs[0].get("profile") for arm, runs in runs_of.items()},
         "profile_adapter": {arm: runs[0].get("profile_adapter") for arm, runs in runs_of.items()},
     }

@@ -1,14 +1,17 @@
 """bench/cuda_lora.py's goal verdicts (the any-model issue's >= 400 tok/s and >= 8x torch eager), from a measured
-file shaped as `measure` writes it, and bench/cuda_e2e.py's argument check. The timed GPU runs themselves are benchmarks,
-not tests."""
+file shaped as `measure` writes it, its check that built models carry the kernels asked for, and bench/cuda_e2e.py's
+argument check. The timed GPU runs themselves are benchmarks, not tests."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
+from bench import cuda_lora
 from bench.cuda_lora import goals_report, size_root
+from olive_lab.kernels import LIBRARY
 
 
 def run(tok_s: float, ttft_ms: float = 8.0) -> dict:
@@ -71,3 +74,34 @@ def test_cuda_e2e_refuses_an_unknown_layout_in_one_line_before_loading_anything(
     )
     assert done.returncode == 2
     assert "--layouts: unknown swtich (known: plain, switch)" in done.stderr.strip().splitlines()[-1]
+
+
+def test_the_kernels_measured_are_the_ones_olive_lab_kernels_names(tmp_path):
+    import subprocess
+    import sys
+
+    library = tmp_path / "branch.so"
+    done = subprocess.run(
+        [sys.executable, "-c", "from bench.cuda_lora import KERNELS; print(KERNELS)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "OLIVE_LAB_KERNELS": str(library)},
+    )
+    assert done.stdout.strip() == str(library), done.stderr
+
+
+def test_a_model_built_with_other_kernels_is_one_line_before_measuring(tmp_path, monkeypatch):
+    asked, other = tmp_path / "asked.so", tmp_path / "other.so"
+    asked.write_bytes(b"kernels of the branch")
+    other.write_bytes(b"kernels of main")
+    monkeypatch.setattr(cuda_lora, "KERNELS", asked)
+    fused, plain, stale = tmp_path / "fused", tmp_path / "plain", tmp_path / "stale"
+    for folder in (fused, plain, stale):
+        folder.mkdir()
+    (fused / LIBRARY).write_bytes(asked.read_bytes())
+    (stale / LIBRARY).write_bytes(other.read_bytes())
+    carried = cuda_lora.check_kernels({"fused": str(fused), "plain": str(plain)})
+    assert carried == {"fused": cuda_lora.kernels_digest(asked)}  # plain carries no library
+    with pytest.raises(SystemExit, match=f"{stale / LIBRARY}: built with other kernels"):
+        cuda_lora.check_kernels({"fused": str(fused), "resident": str(stale)})

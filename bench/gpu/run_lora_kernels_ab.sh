@@ -12,6 +12,8 @@
 #     LAYOUTS=fused,fused_split_mlp,plain (bench.cuda_lora's names).
 #     BLOCK=128 LM_HEAD=fp32 (environment) pick the build, as bench.cuda_lora's --block-size / --lm-head do: the
 #     any-model issue's 3.8B figures come from `BLOCK=128 LM_HEAD=fp32 ... phi35`.
+# Another kernel library (a branch's `make gpu-kernels` build): OLIVE_LAB_KERNELS=<its .so> with a WORK of its own,
+# since each built model carries the library it was built with (bench.cuda_lora refuses to measure a mismatch).
 # Writes under OUT_DIR (default bench/results): <date>-cuda-lora-kernel-check[-<settings>].json,
 # <date>-cuda-lora-kernel-screen-<size>.json (a first look: one reading per variant, for picking what to A/B) and
 # <date>-cuda-lora-env-ab-<size>.json. A kernel that fails its check stops the script before anything is measured.
