@@ -25,7 +25,7 @@ from datetime import date
 from pathlib import Path
 
 from bench.scaling import SIZES, build, cosine, last_logits_ort
-from olive_lab.decode import SPEED_PROMPT, cpu_isa, cpu_name, linked_copy, ort_greedy, set_threads
+from olive_lab.decode import SPEED_PROMPT, cpu_isa, cpu_name, decode_tok_s, linked_copy, ort_greedy, set_threads
 from olive_lab.kernels import LIBRARY, kernels_isa
 from olive_lab.kernels import build as build_kernels
 from olive_lab.onnx.lora import read_adapter, write_adapter
@@ -120,10 +120,6 @@ def adapter_mb(adapter: Path) -> float:
     return round(sum(v.nbytes for v in read_adapter(adapter).values()) / 1e6, 2)
 
 
-def tok_s(stamps: list[float]) -> float:
-    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=tuple(SIZES), default="135m")
@@ -178,7 +174,7 @@ def main() -> None:
     speeds: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for r in range(args.rounds):
         for variant in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
-            speeds[variant].append(round(tok_s(once(variant, args.new_tokens)), 2))
+            speeds[variant].append(round(decode_tok_s(once(variant, args.new_tokens)), 2))
         print(f"[{args.size}] round {r + 1}/{args.rounds}: " + "  ".join(f"{v} {speeds[v][-1]}" for v in VARIANTS),
               flush=True)  # fmt: skip
     median = {v: statistics.median(s) for v, s in speeds.items()}

@@ -34,6 +34,7 @@ from olive_lab.decode import (
     adapter_load_ms,
     bytes_per_token,
     cpu_name,
+    decode_tok_s,
     first_step_ms,
     linked_copy,
     ort_greedy,
@@ -214,7 +215,7 @@ def profile_decode(model_dir: Path, adapter_file: Path | None, threads: int, pas
 
 
 def summary(runs: list[list[float]]) -> dict:
-    decode = [(len(s) - 1) / (s[-1] - s[0]) for s in runs]
+    decode = [decode_tok_s(s) for s in runs]
     ttft = [s[0] * 1000 for s in runs]
     return {
         "decode_tok_s": {"min": round(min(decode), 1), "median": round(statistics.median(decode), 1)},
@@ -281,8 +282,7 @@ def main() -> None:
         for v in variants if r % 2 == 0 else variants[::-1]:
             runs[v].append(once(v, args.new_tokens)[1])
         print(
-            f"round {r + 1}/{args.rounds}: "
-            + "  ".join(f"{v} {(len(runs[v][-1]) - 1) / (runs[v][-1][-1] - runs[v][-1][0]):.1f}" for v in variants),
+            f"round {r + 1}/{args.rounds}: " + "  ".join(f"{v} {decode_tok_s(runs[v][-1]):.1f}" for v in variants),
             flush=True,
         )
     speed = {v: summary(s) for v, s in runs.items()}

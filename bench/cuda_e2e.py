@@ -24,7 +24,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from olive_lab.decode import linked_copy, ort_greedy  # the evaluate stage's own timing loop
+from olive_lab.decode import decode_tok_s, linked_copy, ort_greedy  # the evaluate stage's own timing loop
 from olive_lab.memory import param_count
 
 STAGES = [
@@ -120,7 +120,7 @@ def ort_genai(model_dir: Path, ids: list[int], names: list[str | None]) -> dict:
         stamps = [r[1] for r in runs]
         result[name or "base"] = {
             "ttft_ms": round(statistics.median(s[0] for s in stamps) * 1000, 2),
-            "decode_tok_s": round(statistics.median((len(s) - 1) / (s[-1] - s[0]) for s in stamps), 1),
+            "decode_tok_s": round(statistics.median(decode_tok_s(s) for s in stamps), 1),
             "tokens": runs[0][0],
             "same_tokens_every_round": all(r[0] == runs[0][0] for r in runs),
         }

@@ -16,7 +16,7 @@ import statistics
 from datetime import date
 from pathlib import Path
 
-from olive_lab.decode import SPEED_PROMPT, ort_greedy
+from olive_lab.decode import SPEED_PROMPT, decode_tok_s, ort_greedy
 
 NEW_TOKENS, ROUNDS = 128, 5
 
@@ -33,7 +33,7 @@ def measure(model_dir: Path, adapter_file: Path, ids: list[int]) -> dict:
         runs = [ort_greedy(model, adapters, ids, name, NEW_TOKENS, exact=True) for _ in range(ROUNDS)]
         out["adapter" if name else "base"] = {
             "ttft_ms": round(statistics.median(r[1][0] for r in runs) * 1000, 2),
-            "decode_tok_s": round(statistics.median((len(r[1]) - 1) / (r[1][-1] - r[1][0]) for r in runs), 1),
+            "decode_tok_s": round(statistics.median(decode_tok_s(r[1]) for r in runs), 1),
             "tokens": runs[0][0],
         }
     del adapters, model

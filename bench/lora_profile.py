@@ -16,7 +16,7 @@ from collections import defaultdict
 from datetime import date
 from pathlib import Path
 
-from olive_lab.decode import SPEED_PROMPT, linked_copy, ort_greedy
+from olive_lab.decode import SPEED_PROMPT, decode_tok_s, linked_copy, ort_greedy
 
 STEPS = 64
 
@@ -62,7 +62,7 @@ def profile(model_dir: Path, adapter_file: Path, adapter: str | None, ids: list[
         by_kind[kind] += ms
     n_runs = max(len(runs), 1)
     return {
-        "decode_tok_s": round((len(stamps) - 1) / (stamps[-1] - stamps[0]), 1),
+        "decode_tok_s": round(decode_tok_s(stamps), 1),
         "model_runs": len(runs),
         "ms_per_run": round(sum(e["dur"] for e in runs) / 1000 / n_runs, 3),
         "kernel_ms_per_run_by_kind": {k: round(v / n_runs, 3) for k, v in sorted(by_kind.items())},

@@ -55,6 +55,7 @@ from olive_lab.decode import (
     bytes_per_token,
     cpu_isa,
     cpu_name,
+    decode_tok_s,
     linked_copy,
     model_peak_rss_mb,
     ort_greedy,
@@ -302,8 +303,7 @@ def decode_rounds(state: dict, ids: list[int], scratch: Path, threads: int, roun
             runs[v].append(once(v, new_tokens)[1])
         checks["copy_bandwidth_gb_s_readings"].append(round(copy_bandwidth_gb_s(threads, repeats=3), 1))
         print(
-            f"[{size}] round {r + 1}/{rounds}: "
-            + "  ".join(f"{v} {(len(runs[v][-1]) - 1) / (runs[v][-1][-1] - runs[v][-1][0]):.1f}" for v in VARIANTS),
+            f"[{size}] round {r + 1}/{rounds}: " + "  ".join(f"{v} {decode_tok_s(runs[v][-1]):.1f}" for v in VARIANTS),
             flush=True,
         )
     return runs, checks

@@ -48,6 +48,14 @@ def ort_greedy(
     return out, stamps
 
 
+def decode_tok_s(stamps: list[float]) -> float:
+    """Decode speed from ort_greedy's stamps: the tokens after the first over the time they took, so the prompt's
+    prefill (the first stamp, TTFT) is not in it. Every bench's decode tok/s is this one formula."""
+    if len(stamps) < 2:
+        raise ValueError(f"decode speed needs at least 2 token stamps, got {len(stamps)}")
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
 def peak_rss_mb() -> float:
     """This process's peak RSS. VmHWM, not ru_maxrss: a spawned child's ru_maxrss keeps the forking parent's."""
     with open("/proc/self/status") as f:
@@ -78,7 +86,7 @@ def _generate_in_child(
         {
             "replies": replies,
             "ttft_ms": round(stamps[0] * 1000, 1),
-            "decode_tok_s": round((len(stamps) - 1) / (stamps[-1] - stamps[0]), 1),
+            "decode_tok_s": round(decode_tok_s(stamps), 1),
             "peak_rss_mb": peak_rss_mb(),
         }
     )

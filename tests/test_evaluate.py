@@ -157,6 +157,15 @@ def test_ort_greedy_stops_before_the_first_stop_token(og_model):
     assert stamps == sorted(stamps)
 
 
+def test_decode_speed_leaves_the_prefill_out():
+    from olive_lab.decode import decode_tok_s
+
+    # first token at 0.5 s (prefill), then 4 tokens every 0.1 s: 4 tokens in 0.4 s
+    assert decode_tok_s([0.5, 0.6, 0.7, 0.8, 0.9]) == pytest.approx(10.0)
+    with pytest.raises(ValueError, match="at least 2 token stamps, got 1"):
+        decode_tok_s([0.5])
+
+
 def test_torch_greedy_replies_stop_at_the_end_token_per_prompt(tiny_base, tiny_adapters):
     """greedy_replies batches prompts with left padding: one reply ending early must not cut or shift the other."""
     from peft import PeftModel
