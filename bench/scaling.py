@@ -32,6 +32,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -309,6 +310,12 @@ def decode_rounds(state: dict, ids: list[int], scratch: Path, threads: int, roun
     return runs, checks
 
 
+def paired_ratios(ort: list[list[float]], llama: list[list[float]]) -> dict:
+    """Round by round decode-speed ratios of two variants' stamps, and their median."""
+    ratios = [decode_tok_s(a) / decode_tok_s(b) for a, b in zip(ort, llama, strict=True)]
+    return {"median": round(statistics.median(ratios), 3), "rounds": [round(r, 3) for r in ratios]}
+
+
 def measure(state: dict, threads: int, rounds: int, new_tokens: int, profile: bool) -> dict:
     from transformers import AutoTokenizer
 
@@ -352,6 +359,12 @@ def measure(state: dict, threads: int, rounds: int, new_tokens: int, profile: bo
             "adapter_vs_llama_without": round(decode["ort_adapter"] / decode["llama_q4_0"], 2),
             "prefill": round(ttft["llama_q4_0"] / ttft["ort_base"], 2),
             "prefill_adapter": round(ttft["llama_q4_0_adapter"] / ttft["ort_adapter"], 2),
+        },
+        # each round's own ratio (the variants ran back to back in it): a shared host's slow stretches move both
+        # engines of a round together, so these spread less than the medians' ratio moves from run to run
+        "ratio_per_round": {
+            "no_adapter": paired_ratios(runs["ort_base"], runs["llama_q4_0"]),
+            "adapter_vs_llama_same_adapter": paired_ratios(runs["ort_adapter"], runs["llama_q4_0_adapter"]),
         },
         "share_of_bound": {v: round(decode[v] / bound[v], 3) for v in VARIANTS},
         "decode_tok_s": decode,
@@ -402,15 +415,19 @@ def goals(sizes: dict) -> dict:
     def every(values: list[bool]) -> bool | None:
         return all(values) if values else None
 
+    def adapter_ratio(v: dict) -> float:
+        # the median of the rounds' own ratios where measured: the medians' ratio, rounded to 2 decimals for the
+        # table, read 1.30 from 95.9 / 73.8 = 1.2995 on 2026-12-08 while the rounds' median was 1.284
+        paired = v.get("ratio_per_round", {}).get("adapter_vs_llama_same_adapter")
+        return paired["median"] if paired else v["ratio"]["adapter_vs_llama_same_adapter"]
+
     small = sizes.get("135m", {})
     return {
         "adapter_ratio_ge_1.5_at_1.7b_plus": every(
-            [v["ratio"]["adapter_vs_llama_same_adapter"] >= GOALS["adapter_ratio_at_1.7b_plus"] for v in big.values()]
+            [adapter_ratio(v) >= GOALS["adapter_ratio_at_1.7b_plus"] for v in big.values()]
         ),
         "adapter_ratio_ge_1.3_at_135m": (
-            small["ratio"]["adapter_vs_llama_same_adapter"] >= GOALS["adapter_ratio_at_135m"]
-            if "ratio" in small
-            else None
+            adapter_ratio(small) >= GOALS["adapter_ratio_at_135m"] if "ratio" in small else None
         ),
         "share_of_bound_ge_0.6_at_1.7b_plus": every(
             [

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.scaling import add_run_best_bound, fits, gguf_bytes_per_token, goals, model_conf
+from bench.scaling import add_run_best_bound, fits, gguf_bytes_per_token, goals, model_conf, paired_ratios
 from tests.conftest import ROOT
 from tests.test_gguf_export import shipped_tokenizer_gguf
 
@@ -70,6 +70,10 @@ def test_goals_are_judged_per_size_and_unmeasured_ones_are_none():
     }
     missed = goals({"135m": size_result(0.135, 1.29, 0.3, 1.2), "1.7b": size_result(1.71, 1.49, 0.59, 0.99)})
     assert not any(missed.values())
+    # the rounds' own ratios decide where measured, not the medians' ratio rounded for the table
+    rounded_up = {**size_result(0.135, 1.3, 0.3, 1.0), "ratio_per_round": {
+        "adapter_vs_llama_same_adapter": {"median": 1.284, "rounds": [1.27, 1.284, 1.31]}}}  # fmt: skip
+    assert goals({"135m": rounded_up})["adapter_ratio_ge_1.3_at_135m"] is False
     skipped = goals({"3.8b": {"skipped": "too big"}})
     assert set(skipped.values()) == {None}
 
@@ -83,6 +87,17 @@ def test_a_size_measured_in_a_busy_stretch_is_judged_against_the_run_best_bandwi
     assert quiet["share_of_run_best_bound"] == quiet["share_of_bound"]
     assert busy["run_best_copy_bandwidth_gb_s"] == 50.0 and "share_of_run_best_bound" not in sizes["3.8b"]
     assert goals(sizes)["share_of_bound_ge_0.6_at_1.7b_plus"] is False  # 0.9 of its own bound, 0.36 of the host's
+
+
+def test_each_round_is_its_own_ratio():
+    def stamps(tok_s):  # a first token at 0.2 s, then 8 more at tok_s
+        return [0.2 + i / tok_s for i in range(9)]
+
+    # the host slows down in round 2 for both engines: the round's own ratio stays 1.3
+    paired = paired_ratios([stamps(130), stamps(65), stamps(120)], [stamps(100), stamps(50), stamps(100)])
+    assert paired == {"median": 1.3, "rounds": [1.3, 1.3, 1.2]}
+    with pytest.raises(ValueError):
+        paired_ratios([stamps(130)], [])
 
 
 def test_an_unknown_size_fails_in_one_line():
