@@ -243,7 +243,7 @@ def measure(result: dict, work: Path, layouts: tuple[str, ...]) -> None:
 
 def sizes_mb(work: Path) -> dict:
     """Sizes on disk. With the `fused` layout on CUDA the adapters' weights are resident in the model (its size less
-    the plain model's, when measure built that) and each .onnx_adapter file holds only the slot masks."""
+    the plain model's, when measure built that) and each .onnx_adapter file holds only the masks that pick it."""
     from olive_lab.files import dir_size_mb
 
     sizes = {
