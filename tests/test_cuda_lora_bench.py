@@ -105,3 +105,5 @@ def test_a_model_built_with_other_kernels_is_one_line_before_measuring(tmp_path,
     assert carried == {"fused": cuda_lora.kernels_digest(asked)}  # plain carries no library
     with pytest.raises(SystemExit, match=f"{stale / LIBRARY}: built with other kernels"):
         cuda_lora.check_kernels({"fused": str(fused), "resident": str(stale)})
+    monkeypatch.setattr(cuda_lora, "KERNELS", tmp_path / "not-built.so")  # measuring only plain needs no library
+    assert cuda_lora.check_kernels({"plain": str(plain)}) == {}
